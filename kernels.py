@@ -113,3 +113,21 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None
         return y.transpose(1, 2)
     return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
                                max_seqlen=max_seqlen)
+
+
+# -----------------------------------------------------------------------------
+# Linear + cross-entropy
+
+def linear_cross_entropy_reference(h, weight, targets, *, ignore_index=-100, softmax_scale=None):
+    """F.cross_entropy(h @ weight.T * scale, targets): materialises the (N, V) logits."""
+    logits = h @ weight.T
+    if softmax_scale is not None:
+        logits = logits * softmax_scale
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+
+def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, softmax_scale=None):
+    """Mean cross-entropy of the logits h @ weight.T (h (N, D), weight (V, D), targets (N,) int64) over
+    the targets that are not ignore_index, without materialising the (N, V) logits on the fast path."""
+    return linear_cross_entropy_reference(h, weight, targets, ignore_index=ignore_index,
+                                          softmax_scale=softmax_scale)

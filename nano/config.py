@@ -29,6 +29,7 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE (stabilises training)
     attn: str = "gqa"  # "gqa" | "mla"
     attn_impl: str = "auto"  # "auto" (Triton on CUDA, reference on CPU) | "reference" (debugging)
+    fused_ce: bool = True  # CUDA: loss by kernels.linear_cross_entropy (no (N, V) logits); False = plain
     # MLA (DeepSeek-V2/V3 latent attention)
     q_lora_rank: int = 0  # 0 = no query compression
     kv_lora_rank: int = 128

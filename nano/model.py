@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from nano.config import ModelConfig
@@ -161,12 +162,20 @@ class MLP(nn.Module):
 
     def __init__(self, dim, hidden):
         super().__init__()
+        self.recompute_act = False  # selective checkpointing: recompute silu(a) * b in the backward
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        a, b = self.w1(x), self.w3(x)
+        if self.recompute_act and torch.is_grad_enabled():
+            return self.w2(checkpoint(swiglu, a, b, use_reentrant=False))
+        return self.w2(swiglu(a, b))
+
+
+def swiglu(a, b):
+    return F.silu(a) * b
 
 
 # -----------------------------------------------------------------------------
@@ -179,10 +188,24 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.feed_forward = MLP(config.n_embd, config.intermediate_size)
+        self.grad_ckpt = "none"  # set by Transformer.set_grad_ckpt
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None):
-        x = x + self.attention(self.attention_norm(x), rope, cu_seqlens, max_seqlen, pos)
-        return x + self.feed_forward(self.ffn_norm(x))
+        if self.grad_ckpt == "full" and torch.is_grad_enabled():
+            # keep only the block's input; recompute everything inside it during the backward
+            return checkpoint(self._forward, x, rope, cu_seqlens, max_seqlen, pos, use_reentrant=False)
+        return self._forward(x, rope, cu_seqlens, max_seqlen, pos)
+
+    def _forward(self, x, rope, cu_seqlens, max_seqlen, pos):
+        x = x + self.attention(self._norm(self.attention_norm, x), rope, cu_seqlens, max_seqlen, pos)
+        return x + self.feed_forward(self._norm(self.ffn_norm, x))
+
+    def _norm(self, norm, x):
+        # selective checkpointing recomputes the norms (cheap, elementwise) instead of storing
+        # their fp32 intermediates; the matmul outputs are kept
+        if self.grad_ckpt == "selective" and torch.is_grad_enabled():
+            return checkpoint(norm, x, use_reentrant=False)
+        return norm(x)
 
 
 class Transformer(nn.Module):
@@ -220,6 +243,14 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
         self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
 
+    def set_grad_ckpt(self, mode):
+        """Gradient checkpointing: "none", "full" (recompute each block in the backward, keep only
+        block inputs) or "selective" (recompute norms and the SwiGLU activation, keep matmul outputs)."""
+        for layer in self.layers:
+            layer.grad_ckpt = mode
+            if hasattr(layer.feed_forward, "recompute_act"):
+                layer.feed_forward.recompute_act = mode == "selective"
+
     # ---- decoding state
 
     def setup_cache(self, batch_size, max_len=None, dtype=None, device=None):
@@ -243,12 +274,19 @@ class Transformer(nn.Module):
         start_pos: with a KV cache (setup_cache), the position of idx[:, 0] in each row: an int or a
             (B,) tensor (rows may be at different lengths).
         """
-        B, T = idx.shape
         h = self.hidden_states(idx, cu_seqlens=cu_seqlens, start_pos=start_pos)
+        if targets is None:
+            return self.output(h), None
+        return self.lm_loss(h, targets)
+
+    def lm_loss(self, h, targets):
+        """(logits or None, mean cross-entropy) of hidden states h (B, T, D) against targets (B, T);
+        -100 targets are ignored. On CUDA (fused_ce) the loss comes from kernels.linear_cross_entropy,
+        which never materialises the (B*T, V) logits, and logits is None."""
+        if self.config.fused_ce and h.is_cuda:
+            return None, kernels.linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.reshape(-1))
         logits = self.output(h)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def hidden_states(self, idx, *, cu_seqlens=None, start_pos=None):

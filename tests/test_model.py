@@ -110,3 +110,21 @@ def test_gradients_flow_everywhere():
     model(idx, idx)[1].backward()
     for n, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_grad_ckpt_gradients_identical(mode):
+    model = _model(qk_norm=True).train()
+    idx = torch.randint(0, 61, (2, 16))
+    cu = torch.tensor([0, 5, 16, 32], dtype=torch.int32)
+
+    def grads():
+        model.zero_grad()
+        model(idx, idx, cu_seqlens=cu)[1].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+    plain = grads()
+    model.set_grad_ckpt(mode)
+    ckpt = grads()
+    model.set_grad_ckpt("none")
+    for n in plain:
+        assert torch.equal(plain[n], ckpt[n]), n
