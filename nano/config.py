@@ -102,6 +102,8 @@ class TrainConfig:
     batch_size: int = 8  # rows per micro-step per process
     seq_len: int = 256
     grad_accum: int = 1  # micro-steps per optimizer step
+    tokens_per_step: int = 0  # > 0: set grad_accum to reach this many tokens per optimizer step
+    stop_after: int = 0  # > 0: checkpoint and exit after this many steps of this invocation (time slices)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # lr decays to lr * min_lr_ratio
     warmup_steps: int = 50
@@ -142,9 +144,9 @@ PRESETS = {
     # GPT-2 small sized (~124M with a 50k vocabulary), LLaMA-style blocks
     "gpt2-small": dict(n_layer=12, n_head=12, n_kv_head=12, n_embd=768, vocab_size=50304, max_seq_len=2048,
                        train=dict(batch_size=16, seq_len=1024, lr=6e-4)),
-    # the default GPU preset: ~124M with nano's 8k BPE is ~90M; this one is the same shape with GQA
-    "124m": dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, vocab_size=8192, max_seq_len=2048,
-                 train=dict(batch_size=16, seq_len=2048, lr=1e-3, grad_accum=4)),
+    # the default GPU preset: ~120M parameters with nano's 8k BPE (GPT-2 small's width and depth)
+    "124m": dict(n_layer=12, n_head=12, n_kv_head=12, n_embd=768, intermediate_size=3072, vocab_size=8192,
+                 max_seq_len=2048, train=dict(batch_size=16, seq_len=2048, lr=1e-3, tokens_per_step=262144)),
     "350m": dict(n_layer=24, n_head=16, n_kv_head=4, n_embd=1024, vocab_size=50304, max_seq_len=2048,
                  train=dict(batch_size=8, seq_len=2048, lr=3e-4)),
     # Llama-3.2-1B's shape (vocabulary 128,256, tied embeddings, rope scaling factor 32)
@@ -153,6 +155,9 @@ PRESETS = {
                         rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                           original_max_position_embeddings=8192),
                         train=dict(batch_size=4, seq_len=2048, lr=3e-4)),
+    # a draft model for speculative decoding of `tiny` (same tokenizer: same --data and vocab size)
+    "draft": dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=64, max_seq_len=512, vocab_size=4096,
+                  train=dict(batch_size=8, seq_len=256, lr=3e-3, out_dir="out-draft")),
     # a small DeepSeek-V3-shaped model: MLA + MoE (shared + routed, group-limited) + MTP
     "deepseek-tiny": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=4096, max_seq_len=512, attn="mla",
                           q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
