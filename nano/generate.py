@@ -67,3 +67,171 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     finally:
         model.clear_cache()
     return torch.cat(out, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+# Decoding"; Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling").
+#
+# Each step a cheap proposer guesses k tokens d_1..d_k with distributions q_1..q_k, and one target
+# forward over [cur, d_1..d_k] gives p_1..p_{k+1}. d_i is accepted with probability min(1, p_i/q_i)
+# (d_i) until the first rejection; at a rejection the replacement is sampled from
+# norm(max(0, p_i - q_i)), and when all k are accepted a bonus token comes from p_{k+1}. Every
+# emitted token is then distributed exactly as the target's, whatever the proposer does. p and q are
+# both taken AFTER the temperature/top-k/top-p transform (logits_to_probs), so the output follows the
+# target with those settings; at temperature 0 both are one-hots and the rule reduces to "accept while
+# the draft's argmax equals the target's", which reproduces plain greedy decoding token for token.
+#
+# Batches: rows accept different numbers of tokens, so every row keeps its own position `pos` (of its
+# last token, which is not yet in the target's cache) and the models are called with per-row start
+# positions. Rollback is free: the caches mask entries beyond a query's position, so after a
+# rejection the next step simply writes over the rejected entries.
+
+
+class _DraftModel:
+    """Proposals from a smaller Transformer that shares the target's tokenizer (same vocabulary)."""
+
+    def __init__(self, draft):
+        self.model = draft
+
+    def start(self, idx, max_len):
+        self.model.setup_cache(idx.shape[0], max_len)
+        self.model(idx, start_pos=0)  # fill the draft's cache with the prompt
+
+    def propose(self, out, pos, k, to_probs, gen):
+        """k tokens after each row's last token out[b, pos[b]] -> (d (B, k), q (B, k, V))."""
+        rows = torch.arange(out.shape[0], device=out.device)
+        # Feed [previous, last] token, not just the last: when all k proposals of the previous step
+        # were accepted, the draft never saw its own d_k, which is now the previous token. Writing an
+        # entry again with the same token at the same position changes nothing, so no row needs a
+        # special case (one more token per step in a memory-bound forward costs ~nothing).
+        tokens = torch.stack([out[rows, pos - 1], out[rows, pos]], dim=1)
+        logits = self.model(tokens, start_pos=pos - 1)[0][:, -1]
+        ds, qs = [], []
+        for i in range(k):
+            q = to_probs(logits)
+            d = sample(q, gen)  # (B, 1)
+            ds.append(d)
+            qs.append(q)
+            if i + 1 < k:
+                logits = decode_one_token(self.model, d, pos + i + 1)
+        return torch.cat(ds, dim=1), torch.stack(qs, dim=1)
+
+    def stop(self):
+        self.model.clear_cache()
+
+
+def _accept_prob(p_x, q_x):
+    """Acceptance probability of a draft token x with target prob p(x) and draft prob q(x) > 0."""
+    return (p_x / q_x).clamp(max=1.0)
+
+
+@torch.no_grad()
+def speculative_generate(model, idx, max_new_tokens, *, draft=None, k=4, temperature=1.0, top_k=None,
+                         top_p=None, seed=None):
+    """Like generate(), with k tokens proposed per step by `draft` and verified by one forward of `model`.
+
+    draft: a smaller Transformer with the same vocabulary, or "mtp" (the model's own MTP modules);
+        None means "mtp" when the model has MTP modules (config.mtp_depth > 0), else a ValueError.
+    Returns (tokens (B, T + max_new_tokens), stats) with stats:
+        acceptance_rate: accepted draft tokens / proposed draft tokens (nan when nothing was proposed)
+        tokens_per_step: mean new tokens per verify forward of the target (accepted + 1), per row
+        target_forwards: verify forwards + the prefill; draft_forwards; proposed; accepted
+        accepted_at: for i = 1..k, the fraction of proposals whose first i tokens were all accepted
+    """
+    return _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p, seed, _accept_prob)
+
+
+def _proposer(model, draft, k):
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (draft tokens per step) must be a positive integer, got {k!r}")
+    if draft is None:
+        if getattr(model.config, "mtp_depth", 0) > 0:
+            draft = "mtp"
+        else:
+            raise ValueError("speculative_generate needs a draft: pass draft=<a smaller Transformer with the "
+                             "same vocabulary> or use a model trained with MTP (mtp_depth > 0) and draft='mtp'")
+    if isinstance(draft, str):
+        if draft != "mtp":
+            raise ValueError(f"draft must be a Transformer or 'mtp', got {draft!r}")
+        return _mtp_proposer(model, k)
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the model's "
+                         f"({model.config.vocab_size}); train the draft with the same tokenizer (same --data "
+                         "and --vocab-size)")
+    return _DraftModel(draft)
+
+
+def _mtp_proposer(model, k):
+    raise NotImplementedError("draft='mtp' is not available yet")
+
+
+def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p, seed, accept):
+    B, T = idx.shape
+    if T < 1:
+        raise ValueError("speculative_generate needs a prompt of at least one token per row")
+    proposer = _proposer(model, draft, k)
+    nan = float("nan")
+    stats = dict(acceptance_rate=nan, tokens_per_step=nan, target_forwards=0, draft_forwards=0, proposed=0,
+                 accepted=0, accepted_at=[nan] * k)
+    if max_new_tokens <= 0:
+        return idx, stats
+    dev = idx.device
+    gen = make_generator(seed, dev)
+    to_probs = lambda logits: logits_to_probs(logits, temperature, top_k, top_p)  # noqa: E731
+    last = T + max_new_tokens - 1  # position of the last token to output
+    # the verify forward writes positions up to pos + k with pos <= last, the output up to pos + k + 1
+    max_len = T + max_new_tokens + k + 1
+    rows = torch.arange(B, device=dev)
+    j = torch.arange(k + 1, device=dev)
+    out = idx.new_zeros(B, max_len)
+    out[:, :T] = idx
+    model.setup_cache(B, max_len)
+    try:
+        proposer.start(idx, max_len)
+        out[:, T] = sample(to_probs(prefill(model, idx)), gen)[:, 0]
+        pos = torch.full((B,), T, device=dev)  # each row's last token, not yet in the target's cache
+        steps = row_steps = emitted = 0
+        accepted_at = torch.zeros(k, device=dev)
+        while True:
+            active = pos < last
+            n_active = int(active.sum())
+            if n_active == 0:
+                break
+            # finished rows ride along at a safe position (their output is complete and never rewritten)
+            pos = pos.clamp(max=last)
+            d, q = proposer.propose(out, pos, k, to_probs, gen)  # (B, k), (B, k, V)
+            block = torch.cat([out[rows, pos][:, None], d], dim=1)  # (B, k + 1)
+            p = to_probs(model(block, start_pos=pos)[0])  # (B, k + 1, V)
+            p_x = p[:, :k].gather(-1, d[..., None])[..., 0]
+            q_x = q.gather(-1, d[..., None])[..., 0]
+            r = torch.rand(B, k, device=dev, generator=gen)
+            ok = (r < accept(p_x, q_x)).long().cumprod(dim=1)  # 1 while every draft token so far passed
+            a = ok.sum(dim=1)  # (B,) accepted draft tokens
+            # the token after the accepted ones: from norm(max(0, p - q)) after a rejection, from p after
+            # k acceptances (a zero q row at index k makes both the same formula)
+            q_pad = torch.cat([q, q.new_zeros(B, 1, q.shape[-1])], dim=1)
+            resid = (p[rows, a] - q_pad[rows, a]).clamp(min=0)
+            # p == q up to rounding leaves nothing to sample; rejection there has probability ~0 anyway
+            resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p[rows, a])
+            x = sample(resid, gen)[:, 0]
+            new = torch.cat([d, d.new_zeros(B, 1)], dim=1)
+            new[rows, a] = x
+            write = active[:, None] & (j <= a[:, None])  # the a accepted tokens and x, active rows only
+            at = pos[:, None] + 1 + j
+            out[rows[:, None], at] = torch.where(write, new, out[rows[:, None], at])
+            pos = torch.where(active, pos + a + 1, pos)
+            steps += 1
+            row_steps += n_active
+            emitted += int(((a + 1) * active).sum())
+            accepted_at += (ok * active[:, None]).sum(dim=0)
+        proposed = row_steps * k
+        stats.update(target_forwards=steps + 1, draft_forwards=steps * k, proposed=proposed,
+                     accepted=emitted - row_steps)
+        if row_steps:
+            stats.update(acceptance_rate=(emitted - row_steps) / proposed, tokens_per_step=emitted / row_steps,
+                         accepted_at=(accepted_at / row_steps).tolist())
+    finally:
+        model.clear_cache()
+        proposer.stop()
+    return out[:, :T + max_new_tokens], stats
