@@ -1,0 +1,221 @@
+"""kernels.linear_cross_entropy: the Triton path (interpreted on CPU, TRITON_INTERPRET=1 from conftest)
+against float64 PyTorch, with flash-attention's tolerance rule: max|err| <= 2 * max|err of the same
+computation in plain PyTorch at the same dtype| + a small atol."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from nano.config import ModelConfig
+from nano.model import Transformer
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs triton (interpreted on CPU)")
+
+# atol relative to the largest reference value: only for cases where torch's own error is ~0
+ATOL = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def _oracle(h, w, t, ignore_index=-100, scale=None, extra=None):
+    """float64 loss and gradients, written out independently of kernels.py."""
+    h = h.detach().double().requires_grad_()
+    w = w.detach().double().requires_grad_()
+    z = h @ w.T * (1.0 if scale is None else scale)
+    keep = t != ignore_index
+    loss = (torch.logsumexp(z[keep], -1) - z[keep].gather(-1, t[keep][:, None]).squeeze(-1)).mean()
+    total = loss + (extra(w) if extra is not None else 0)
+    total.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _run(fn, h, w, t, dloss=1.0, **kw):
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = fn(h, w, t, **kw)
+    (loss * dloss).backward()
+    return loss.detach(), h.grad / dloss, w.grad / dloss
+
+
+def _assert_close(name, got, torch_same_dtype, ref, dtype):
+    err = (got.double() - ref).abs().max().item()
+    base = (torch_same_dtype.double() - ref).abs().max().item()
+    atol = ATOL[dtype] * ref.abs().max().item()
+    assert err <= 2 * base + atol, f"{name}: err {err:.3g} > 2 * torch err {base:.3g} + {atol:.3g}"
+
+
+def _data(N, D, V, dtype, ignore_frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g).to(dtype)
+    w = (torch.randn(V, D, generator=g) * D ** -0.5 * 3).to(dtype)  # logits with std ~3: peaked softmax
+    t = torch.randint(0, V, (N,), generator=g)
+    t[torch.rand(N, generator=g) < ignore_frac] = -100
+    if N > 1 and ignore_frac > 0:
+        t[0] = -100
+    return h, w, t
+
+
+# (N, D, V, softmax_scale, fraction ignored, rows per chunk or None = one chunk)
+SHAPES = [
+    (1, 16, 97, None, 0.0, None),
+    (17, 48, 257, 0.5, 0.2, None),
+    (64, 64, 1000, None, 0.1, 10),  # 7 chunks, the last one short
+    (129, 96, 5000, 2.0, 0.3, 50),
+    (300, 33, 1531, None, 0.05, 130),  # 130 rows round down to 128: chunks 128, 128, 44
+    (200, 192, 1024, 0.125, 0.5, None),  # V a multiple of the interpreter's BLOCK_V
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-D{}-V{}".format(*s[:3]))
+def test_matches_float64(shape, dtype, monkeypatch):
+    # bf16 is tested here because this kernel has no tl.dot (the interpreter's bf16 dot is what breaks)
+    N, D, V, scale, ignore_frac, chunk = shape
+    if chunk is not None:
+        monkeypatch.setattr(kernels, "LCE_CHUNK_BYTES", chunk * V * dtype.itemsize)
+    h, w, t = _data(N, D, V, dtype, ignore_frac, seed=N + V)
+    ref = _oracle(h, w, t, scale=scale)
+    got = _run(kernels.linear_cross_entropy, h, w, t, softmax_scale=scale)
+    base = _run(kernels.linear_cross_entropy_reference, h, w, t, softmax_scale=scale)
+    for name, a, b, r in zip(("loss", "dh", "dW"), got, base, ref):
+        _assert_close(name, a, b, r, dtype)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+
+
+def test_tied_weight_gets_both_gradients():
+    # the LM head's weight is also the embedding table: autograd must add the two gradients
+    N, D, V = 40, 32, 211
+    h, w, t = _data(N, D, V, torch.float32, 0.1, seed=1)
+    idx = torch.randint(0, V, (N,))
+    proj = torch.randn(D, D) * D ** -0.5
+
+    def run(loss_fn, w):
+        w = w.detach().clone().requires_grad_()
+        hh = torch.tanh(F.embedding(idx, w) @ proj.to(w.dtype)) + h.to(w.dtype)  # h depends on w too
+        loss = loss_fn(hh, w, t)
+        loss.backward()
+        return loss.detach(), w.grad
+
+    loss, dw = run(kernels.linear_cross_entropy, w)
+    loss64, dw64 = run(lambda hh, w, t: _oracle_loss(hh, w, t), w.double())
+    assert abs(loss.item() - loss64.item()) < 1e-5
+    assert (dw.double() - dw64).abs().max() < 1e-6 * dw64.abs().max() + 1e-8
+    # and the embedding's part is really there: it changes dW
+    _, dw_head_only = _run(kernels.linear_cross_entropy, h, w, t)[1:]
+    assert (dw_head_only.double() - dw64).abs().max() > 1e-3 * dw64.abs().max()
+
+
+def _oracle_loss(h, w, t):
+    z = h @ w.T
+    keep = t != -100
+    return (torch.logsumexp(z[keep], -1) - z[keep].gather(-1, t[keep][:, None]).squeeze(-1)).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_all_ignored_is_nan_loss_with_zero_grads_like_torch(dtype):
+    h, w, t = _data(9, 16, 101, dtype, 0.0, seed=2)
+    t[:] = -100
+    loss, dh, dw = _run(kernels.linear_cross_entropy, h, w, t)
+    ref_loss, ref_dh, ref_dw = _run(kernels.linear_cross_entropy_reference, h, w, t)
+    assert torch.isnan(loss) and torch.isnan(ref_loss)
+    assert torch.equal(dh, ref_dh) and torch.equal(dw, ref_dw) and not dh.any() and not dw.any()
+
+
+def test_fp16_gradients_survive_loss_scaling():
+    # fp16 keeps (softmax - onehot) unnormalised until the backward knows dloss (a GradScaler's 2^16)
+    h, w, t = _data(256, 32, 3001, torch.float16, 0.0, seed=3)
+    ref = _oracle(h, w, t)
+    got = _run(kernels.linear_cross_entropy, h, w, t, dloss=2.0 ** 16)
+    base = _run(kernels.linear_cross_entropy_reference, h, w, t, dloss=2.0 ** 16)
+    for name, a, b, r in zip(("loss", "dh", "dW"), got, base, ref):
+        _assert_close(name, a, b, r, torch.float16)
+
+
+def test_custom_ignore_index_int32_targets_and_one_input_needing_grad():
+    h, w, t = _data(30, 16, 150, torch.float32, 0.0, seed=4)
+    t[::3] = 7  # ignore_index 7: also a valid vocabulary id, must still be skipped
+    ref_loss, ref_dh, ref_dw = _oracle(h, w, t, ignore_index=7)
+    hg = h.clone().requires_grad_()
+    loss = kernels.linear_cross_entropy(hg, w, t.int(), ignore_index=7)  # frozen weight
+    loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    assert (hg.grad.double() - ref_dh).abs().max() < 1e-6
+    wg = w.clone().requires_grad_()
+    kernels.linear_cross_entropy(h, wg, t, ignore_index=7).backward()  # frozen h
+    assert (wg.grad.double() - ref_dw).abs().max() < 1e-6
+
+
+def test_no_grad_and_autocast():
+    h, w, t = _data(50, 24, 333, torch.float32, 0.1, seed=5)
+    ref = _oracle(h, w, t)[0]
+    with torch.no_grad():
+        assert abs(kernels.linear_cross_entropy(h, w, t).item() - ref.item()) < 1e-5
+    # under autocast both inputs are cast to its dtype first (fp32 master weights, as in training)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(kernels.linear_cross_entropy, h, w, t)
+        base = _run(kernels.linear_cross_entropy_reference, h, w, t)
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    for name, a, b, r in zip(("loss", "dh", "dW"), got, base, _oracle(h, w, t)):
+        _assert_close(name, a, b, r, torch.bfloat16)
+
+
+def test_dispatch_reaches_the_kernel_and_force_reference(monkeypatch):
+    h, w, t = _data(5, 16, 97, torch.float32, 0.0, seed=6)
+    calls = []
+    real = kernels.linear_cross_entropy_reference
+    monkeypatch.setattr(kernels, "linear_cross_entropy_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kernels.linear_cross_entropy(h, w, t)
+    assert calls == []  # the Triton path ran, not the reference
+    monkeypatch.setattr(kernels, "FORCE_REFERENCE", True)
+    kernels.linear_cross_entropy(h, w, t)
+    assert calls == [1]
+
+
+def test_out_of_range_target_gives_nan():
+    h, w, t = _data(6, 16, 97, torch.float32, 0.0, seed=7)
+    t[2] = 97
+    with torch.no_grad():
+        assert torch.isnan(kernels.linear_cross_entropy(h, w, t))
+
+
+@pytest.mark.parametrize("args, match", [
+    (((3, 16), (97, 8), (3,), torch.int64, torch.float32), "must be \\(N, D\\) and weight \\(V, D\\)"),
+    (((2, 3, 16), (97, 16), (6,), torch.int64, torch.float32), "flatten the batch"),
+    (((3, 16), (97, 16), (4,), torch.int64, torch.float32), "targets must be int64"),
+    (((3, 16), (97, 16), (3,), torch.float32, torch.float32), "targets must be int64"),
+    (((3, 16), (97, 16), (3,), torch.int64, torch.float16), "cast one or run under torch.autocast"),
+])
+def test_bad_input_errors(args, match):
+    hs, ws, ts, tdtype, wdtype = args
+    with pytest.raises(ValueError, match=match):
+        kernels.linear_cross_entropy(torch.randn(hs), torch.randn(ws, dtype=wdtype), torch.zeros(ts, dtype=tdtype))
+
+
+def _train_curve(fused, steps=10):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=32,
+                      tie_embeddings=True)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 97, (4, 16), generator=g)
+    tgt = torch.roll(idx, -1, 1)
+    tgt[:, -1] = -100
+    curve = []
+    for _ in range(steps):
+        if fused:
+            h = model.hidden_states(idx)
+            loss = kernels.linear_cross_entropy(h.flatten(0, 1), model.output.weight, tgt.reshape(-1))
+        else:
+            _, loss = model(idx, tgt)  # lm_loss's plain path (the fused one is CUDA only)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+    return torch.tensor(curve, dtype=torch.float64), model.tok_embeddings.weight.detach()
+
+
+def test_training_curve_agrees_with_plain_path():
+    plain, w_plain = _train_curve(fused=False)
+    fused, w_fused = _train_curve(fused=True)
+    assert plain[-1] < plain[0] - 0.5  # it learns (memorises the batch), so the curves mean something
+    assert (plain - fused).abs().max() < 1e-5, (plain, fused)
+    assert (w_plain - w_fused).abs().max() < 1e-4
