@@ -172,12 +172,12 @@ def _check_lce_args(h, weight, targets):
 
 if triton is not None:
     def _keep_ce(conf):
-        # 4..64 elements per thread: narrower loads do not stream at full bandwidth, wider tiles spill
-        per_thread = conf.kwargs["BLOCK_N"] * conf.kwargs["BLOCK_V"] // (32 * conf.num_warps)
-        return 4 <= per_thread <= 64
+        # 8..64 elements per thread: narrower loads do not stream at full bandwidth, wider tiles spill
+        tile = conf.kwargs["BLOCK_N"] * conf.kwargs["BLOCK_V"]
+        return tile <= 16384 and 8 <= tile // (32 * conf.num_warps) <= 64
 
     _CE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv}, num_warps=w)
-                   for bn in (1, 2, 4) for bv in (1024, 2048, 4096, 8192) for w in (4, 8, 16)]
+                   for bn in (1, 4) for bv in (2048, 4096, 8192) for w in (4, 8, 16)]
     _CE_CONFIGS = [c for c in _CE_CONFIGS if _keep_ce(c)]
     if INTERPRET:  # the interpreter pays per op, not per element: one config, many rows per program
         _CE_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 512}, num_warps=1)]
@@ -247,14 +247,14 @@ def _lce_forward(h, weight, targets, ignore_index, scale, need_dh, need_dw):
     valid = targets != ignore_index
     n_valid = valid.sum(dtype=torch.float32)  # a tensor: no host sync
     loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
-    C = _lce_chunk_rows(N, V, h.element_size())
+    C = max(1, _lce_chunk_rows(N, V, h.element_size()))
     n_chunks = -(-N // C)
     logits = torch.empty(C, V, dtype=h.dtype, device=h.device)
     dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
     dw = None
     if need_dw:  # fp32 accumulator unless one chunk writes dW in one GEMM (as eager does)
         dw_dtype = weight.dtype if n_chunks == 1 and h.dtype != torch.float16 else torch.float32
-        dw = torch.empty(V, D, dtype=dw_dtype, device=h.device)
+        dw = (torch.empty if N else torch.zeros)(V, D, dtype=dw_dtype, device=h.device)  # N = 0: no chunk
     for i, r0 in enumerate(range(0, N, C)):
         r1 = min(r0 + C, N)
         hc, lc = h[r0:r1], logits[:r1 - r0]
@@ -290,10 +290,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         dh, dw, n_valid = ctx.saved_tensors
-        # gradients were formed for dloss = 1; all-ignored batches have zero gradients, as in torch
+        # gradients were formed for dloss = 1; all-ignored batches have zero gradients, as in torch.
+        # In place, to not hold two copies of dW (a second backward through this graph then raises)
         f = dloss / n_valid.clamp(min=1) if ctx.unnormalised else dloss
-        dh = (dh * f).to(ctx.dtypes[0]) if dh is not None else None
-        dw = (dw * f).to(ctx.dtypes[1]) if dw is not None else None
+        dh = dh.mul_(f).to(ctx.dtypes[0]) if dh is not None else None
+        dw = dw.mul_(f).to(ctx.dtypes[1]) if dw is not None else None
         return dh, dw, None, None, None, None
 
 
