@@ -1,0 +1,326 @@
+"""Tokenizer: nano's own byte-level BPE trainer, wrapped in a tiktoken.Encoding for fast encoding.
+
+A tokenizer is mergeable ranks (bytes -> rank; the 256 single bytes first, then one token per merge in
+the order they were learned) plus special tokens after the last rank. Training follows GPT-4: split
+the text with a regex into chunks (words, numbers, punctuation runs, whitespace), count the unique
+chunks once, then repeatedly merge the most frequent adjacent pair, updating only the pair counts
+of the chunks that contain it (a max-heap with lazy deletion finds the next pair).
+
+Files: `save(path)` writes the ranks in tiktoken's BPE format (base64 token, space, rank per line;
+the format of Meta Llama-3's `tokenizer.model`) and the special tokens and split pattern in
+`path + ".special.json"`. A BPE file without that sidecar is read as Llama-3's (its regex, and its
+256 special tokens numbered from the last rank + 1). Nothing is ever downloaded.
+"""
+import base64
+import collections
+import hashlib
+import heapq
+import json
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+import regex
+import tiktoken
+from tqdm import tqdm
+
+# GPT-4's (cl100k_base) split pattern, verbatim from tiktoken: contractions, letters with one optional
+# leading non-letter, numbers of at most 3 digits, punctuation runs, newlines, and whitespace that
+# keeps its last space for the next word.
+GPT4_SPLIT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+              r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+# Meta Llama-3 (llama_models/llama3/tokenizer.py; 3.1+ names, ids of bos/eos/pad/eot as in 3.0)
+LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
+NANO_SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>"]  # pad is never in training data (nothing is padded)
+
+
+class Tokenizer:
+    """Mergeable ranks + special tokens, encoded and decoded by tiktoken (Rust, releases the GIL)."""
+
+    def __init__(self, name, pat_str, mergeable_ranks, special_tokens, bos, eos, pad):
+        for role, tok in (("bos", bos), ("eos", eos), ("pad", pad)):
+            if tok not in special_tokens:
+                raise ValueError(f"{role} token {tok!r} is not among the special tokens {list(special_tokens)}")
+        self.name, self.pat_str = name, pat_str
+        self.mergeable_ranks, self.special_tokens = dict(mergeable_ranks), dict(special_tokens)
+        self.bos, self.eos, self.pad = bos, eos, pad
+        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=self.mergeable_ranks,
+                                     special_tokens=self.special_tokens)
+        self.bos_id, self.eos_id, self.pad_id = (special_tokens[t] for t in (bos, eos, pad))
+
+    @property
+    def vocab_size(self):
+        return self.enc.n_vocab  # largest id + 1, special tokens included
+
+    def encode(self, text):
+        # ordinary: "<|bos|>" typed in a document is text, never the special token
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts, num_threads=None):
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+
+    def decode(self, ids):
+        if hasattr(ids, "tolist"):  # numpy arrays and torch tensors
+            ids = ids.tolist()
+        return self.enc.decode(list(ids))
+
+    def __repr__(self):
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+    def fingerprint(self):
+        h = hashlib.sha256(json.dumps(self._meta(), sort_keys=True).encode())
+        for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(b"%d %s\n" % (rank, base64.b64encode(tok)))
+        return h.hexdigest()
+
+    # ---- persistence: a dict of plain values for checkpoints, or a BPE file + sidecar
+
+    def _meta(self):
+        return {"name": self.name, "pat_str": self.pat_str, "special_tokens": self.special_tokens,
+                "bos": self.bos, "eos": self.eos, "pad": self.pad}
+
+    def state(self):
+        # only str/int/bytes/list/dict: checkpoints holding it load with torch.load(weights_only=True)
+        ranks = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        return {**self._meta(), "tokens": [t for t, _ in ranks], "ranks": [r for _, r in ranks]}
+
+    @classmethod
+    def from_state(cls, d):
+        missing = {"name", "pat_str", "special_tokens", "bos", "eos", "pad", "tokens", "ranks"} - set(d)
+        if missing:
+            raise ValueError(f"tokenizer state lacks {sorted(missing)}; it was not made by Tokenizer.state()")
+        return cls(d["name"], d["pat_str"], dict(zip(d["tokens"], d["ranks"])), d["special_tokens"],
+                   d["bos"], d["eos"], d["pad"])
+
+    def save(self, path):
+        path = os.fspath(path)
+        lines = [base64.b64encode(t) + b" %d\n" % r
+                 for t, r in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
+        _atomic_write(path, b"".join(lines))
+        _atomic_write(path + ".special.json", json.dumps(self._meta(), indent=1).encode())
+
+    @classmethod
+    def load(cls, path):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+        ranks = read_bpe_file(path)
+        side = path + ".special.json"
+        if os.path.exists(side):
+            with open(side) as f:
+                meta = json.load(f)
+            return cls(meta["name"], meta["pat_str"], ranks, meta["special_tokens"],
+                       meta["bos"], meta["eos"], meta["pad"])
+        # a bare BPE file is Meta Llama-3's tokenizer.model: its specials follow the last rank (128000+)
+        first = max(ranks.values()) + 1
+        specials = {tok: first + i for i, tok in enumerate(LLAMA3_SPECIALS)}
+        return cls(os.path.basename(path), LLAMA3_SPLIT, ranks, specials,
+                   "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>")
+
+
+def _atomic_write(path, data):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_bpe_file(path):
+    """tiktoken BPE format: `base64(token) rank` per line. Errors name the line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok, validate=True)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}; "
+                                 "not a tiktoken BPE file") from None
+    if not ranks:
+        raise ValueError(f"{path} holds no tokens; not a tiktoken BPE file")
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError(f"{path}: two tokens share a rank; not a tiktoken BPE file")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} single-byte tokens (e.g. {bytes([missing[0]])!r}): "
+                         "not a byte-level BPE, so some text could not be encoded")
+    return ranks
+
+
+# ---- named tiktoken encodings, from the local cache only
+
+_TIKTOKEN_LOCK = threading.Lock()
+
+
+class _NotCached(Exception):
+    pass
+
+
+def tiktoken_cache_dir():
+    # the same lookup as tiktoken.load.read_file_cached
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _load_named(name):
+    import tiktoken.load
+    import tiktoken.registry
+
+    def refuse(blobpath):  # tiktoken calls this only when the file is not (validly) in its cache
+        raise _NotCached(blobpath)
+
+    constructor = tiktoken.registry.ENCODING_CONSTRUCTORS[name]
+    with _TIKTOKEN_LOCK:
+        read_file, tiktoken.load.read_file = tiktoken.load.read_file, refuse
+        try:
+            kw = constructor()
+        except _NotCached as e:
+            url, cache = e.args[0], tiktoken_cache_dir()
+            where = os.path.join(cache or "<a folder>", hashlib.sha1(url.encode()).hexdigest())
+            raise FileNotFoundError(
+                f"tiktoken encoding {name!r} is not in the local tiktoken cache and nano never downloads: "
+                f"fetch {url} on a machine with internet and save it as {where} (tiktoken's cache is "
+                f"$TIKTOKEN_CACHE_DIR, else {os.path.join(tempfile.gettempdir(), 'data-gym-cache')}), or pass "
+                "the path of a tokenizer file instead") from None
+        finally:
+            tiktoken.load.read_file = read_file
+    specials = dict(kw["special_tokens"])
+    eot = "<|endoftext|>" if "<|endoftext|>" in specials else min(specials, key=specials.get)
+    pad = "<|pad|>"  # the named encodings have none; a new id after the last one
+    specials[pad] = max([*kw["mergeable_ranks"].values(), *specials.values()]) + 1
+    return Tokenizer(name, kw["pat_str"], kw["mergeable_ranks"], specials, eot, eot, pad)
+
+
+def load_tokenizer(spec):
+    """A nano tokenizer file, a tiktoken BPE file (Llama-3 tokenizer.model), or a cached tiktoken name."""
+    if not spec:
+        raise ValueError("empty tokenizer spec: give a tokenizer file or a tiktoken encoding name "
+                         "(leave --tokenizer empty to train nano's BPE on the corpus)")
+    if os.path.exists(spec):
+        return Tokenizer.load(spec)
+    if spec in tiktoken.list_encoding_names():
+        return _load_named(spec)
+    raise FileNotFoundError(f"tokenizer {spec!r} is neither a file nor a tiktoken encoding name "
+                            f"({', '.join(tiktoken.list_encoding_names())})")
+
+
+# ---- training
+
+def _count_chunks(texts, pat_str):
+    pat, counts = regex.compile(pat_str), collections.Counter()
+    for text in texts:
+        counts.update(pat.findall(text))
+    return counts
+
+
+def count_chunks(texts, pat_str=GPT4_SPLIT, workers=None):
+    """Counter of the regex chunks of all texts; big corpora are split over processes (regex holds the GIL)."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or sys.platform != "linux" or sum(map(len, texts)) < (4 << 20):
+        return _count_chunks(texts, pat_str)
+    import multiprocessing
+    parts = [texts[i::4 * workers] for i in range(4 * workers)]
+    # fork: no re-import of the caller's __main__ (train.py is a flat script without a main guard)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
+        counters = list(ex.map(_count_chunks, parts, [pat_str] * len(parts)))
+    total = counters[0]
+    for c in counters[1:]:
+        total.update(c)
+    return total
+
+
+def train_bpe(texts, vocab_size, *, progress=True, pat_str=GPT4_SPLIT, name=None):
+    """Byte-level BPE with `vocab_size` tokens in all (merges + 256 bytes + <|bos|> <|eos|> <|pad|>).
+
+    Ties between equally frequent pairs go to the smallest (left id, right id), so training is
+    deterministic. A merge whose bytes already exist as a token (same bytes, other split) reuses that
+    token: tiktoken keys ranks by bytes. If the corpus runs out of pairs the vocabulary is smaller.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    n_special = len(NANO_SPECIALS)
+    if not isinstance(vocab_size, int) or vocab_size < 256 + n_special:
+        raise ValueError(f"vocab_size must be an int >= {256 + n_special} (256 bytes + {n_special} special "
+                         f"tokens), got {vocab_size!r}")
+    chunks = count_chunks(texts, pat_str)
+    words, freqs = [], []  # each unique chunk as a list of token ids, and how often it occurs
+    for chunk, f in chunks.items():
+        b = chunk.encode("utf-8")
+        if len(b) > 1:
+            words.append(list(b))
+            freqs.append(f)
+    del chunks
+
+    counts = collections.defaultdict(int)  # pair -> occurrences in the corpus
+    where = collections.defaultdict(set)  # pair -> indices of the words that (may) contain it
+    for wi, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            counts[pair] += f
+            where[pair].add(wi)
+    # max-heap of (-count, pair): entries go stale when a count drops; they are fixed when popped
+    heap = [(-c, p) for p, c in counts.items()]
+    heapq.heapify(heap)
+
+    vocab = [bytes([i]) for i in range(256)]  # id -> bytes
+    ids = {b: i for i, b in enumerate(vocab)}
+    n_merges = vocab_size - 256 - n_special
+    bar = tqdm(total=n_merges, desc="bpe merges", disable=not progress, mininterval=0.5)
+    while len(vocab) < 256 + n_merges and heap:
+        negc, pair = heapq.heappop(heap)
+        c = counts.get(pair, 0)
+        if c != -negc:  # stale: push back with its true count
+            if c > 0:
+                heapq.heappush(heap, (-c, pair))
+            continue
+        a, b = pair
+        merged = vocab[a] + vocab[b]
+        new = ids.get(merged)
+        if new is None:
+            new = ids[merged] = len(vocab)
+            vocab.append(merged)
+            bar.update()
+        changed = set()
+        for wi in where.pop(pair):
+            w, f = words[wi], freqs[wi]
+            i, n = 0, len(w)
+            while i < n - 1:
+                if w[i] == a and w[i + 1] == b:
+                    # the neighbours' pairs move from a / b to the new token
+                    if i > 0:
+                        x = w[i - 1]
+                        counts[x, a] -= f
+                        counts[x, new] += f
+                        where[x, new].add(wi)
+                        changed.add((x, new))
+                    if i + 2 < n:
+                        y = w[i + 2]
+                        counts[b, y] -= f
+                        counts[new, y] += f
+                        where[new, y].add(wi)
+                        changed.add((new, y))
+                    w[i:i + 2] = [new]
+                    n -= 1
+                i += 1
+        counts.pop(pair)  # every occurrence was merged (left to right, so none is left)
+        for p in changed:
+            if counts[p] > 0:
+                heapq.heappush(heap, (-counts[p], p))
+    bar.close()
+    if len(vocab) < 256 + n_merges:
+        warnings.warn(f"the corpus ran out of pairs after {len(vocab) - 256} merges: vocab_size is "
+                      f"{len(vocab) + n_special}, not {vocab_size}")
+    specials = {tok: len(vocab) + i for i, tok in enumerate(NANO_SPECIALS)}
+    return Tokenizer(name or f"nano-bpe-{len(vocab) + n_special}", pat_str, ids, specials, *NANO_SPECIALS)
