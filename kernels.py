@@ -228,10 +228,11 @@ if triton is not None:
 
 
 def _lce_chunk_rows(N, V, itemsize):
-    rows = max(1, LCE_CHUNK_BYTES // (V * itemsize))
-    if rows >= N:
-        return N
-    return rows // 128 * 128 if rows >= 128 else rows  # whole GEMM tiles
+    """Rows per logits chunk: about LCE_CHUNK_BYTES of logits, chunks of equal size (so the last one is
+    not a sliver), whole 128-row GEMM tiles once they are that large."""
+    n_chunks = max(1, -(-N * V * itemsize // LCE_CHUNK_BYTES))
+    rows = -(-N // n_chunks)
+    return min(N, -(-rows // 128) * 128) if rows > 128 else max(rows, 1)
 
 
 def _lce_forward(h, weight, targets, ignore_index, scale, need_dh, need_dw):
@@ -247,7 +248,7 @@ def _lce_forward(h, weight, targets, ignore_index, scale, need_dh, need_dw):
     valid = targets != ignore_index
     n_valid = valid.sum(dtype=torch.float32)  # a tensor: no host sync
     loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
-    C = max(1, _lce_chunk_rows(N, V, h.element_size()))
+    C = _lce_chunk_rows(N, V, h.element_size())
     n_chunks = -(-N // C)
     logits = torch.empty(C, V, dtype=h.dtype, device=h.device)
     dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
