@@ -1,0 +1,113 @@
+"""Sample from a trained nano model (or a Hugging Face Llama/Qwen3/DeepSeek-V3 directory).
+
+    python sample.py --ckpt out --prompt "def fib(n):"
+    python sample.py --ckpt out --draft out-draft --temperature 0     # speculative, with a draft model
+    python sample.py --ckpt out --speculate mtp                       # speculative, with the MTP head
+    python sample.py --hf path/to/Llama-3.2-1B --prompt "The capital of France is"
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from nano.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from nano.generate import generate, speculative_generate
+from nano.runtime import autocast, pick_device
+from nano.tokenizer import Tokenizer, load_tokenizer
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse(argv):
+    p = _Parser(description="sample from a nano checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="run directory (with ckpt.pt) or checkpoint file")
+    src.add_argument("--hf", help="Hugging Face model directory (config.json + *.safetensors)")
+    p.add_argument("--tokenizer", default="", help="tokenizer file or cached tiktoken name (for --hf)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from <bos>)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft", help="run directory of a draft model with the same tokenizer")
+    spec.add_argument("--speculate", choices=["mtp"], help="speculate with the model's own MTP modules")
+    p.add_argument("--k", type=int, default=4, help="draft tokens per speculative step")
+    return p.parse_args(argv)
+
+
+def hf_tokenizer(path, spec):
+    """A tiktoken-format tokenizer for a Hugging Face directory: --tokenizer, else tokenizer.model in the
+    directory or its original/ folder (Meta's Llama-3 releases ship one)."""
+    if spec:
+        return load_tokenizer(spec)
+    for candidate in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+        if os.path.isfile(os.path.join(path, candidate)):
+            return load_tokenizer(os.path.join(path, candidate))
+    raise FileNotFoundError(f"no tokenizer.model in {path} (or {path}/original); pass --tokenizer FILE")
+
+
+def main(argv):
+    args = parse(argv)
+    device, dtype, reason = pick_device(args.device, args.dtype)
+    print(f"device: {device}, dtype: {str(dtype).removeprefix('torch.')} ({reason})")
+    if args.ckpt:
+        state = load_checkpoint(args.ckpt)
+        model = model_from_checkpoint(state, device)
+        tok = Tokenizer.from_state(state["tokenizer"])
+    else:
+        from nano.convert import load_hf
+        model = load_hf(args.hf, device=device)
+        tok = hf_tokenizer(args.hf, args.tokenizer)
+    model.eval()
+    draft = None
+    if args.draft:
+        dstate = load_checkpoint(args.draft)
+        if args.ckpt and dstate["tokenizer"] != state["tokenizer"]:
+            raise ValueError(f"the draft in {args.draft} was trained with another tokenizer than {args.ckpt}; "
+                             "train it on the same --data with the same --vocab-size")
+        draft = model_from_checkpoint(dstate, device).eval()
+    elif args.speculate == "mtp":
+        if model.config.mtp_depth == 0:
+            raise ValueError("--speculate mtp needs a model trained with MTP (--mtp-depth >= 1)")
+        draft = "mtp"
+
+    ids = [tok.bos_id] + tok.encode(args.prompt)
+    idx = torch.tensor([ids] * args.num_samples, device=device)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    t0 = time.perf_counter()
+    with autocast(device, dtype):
+        if draft is None:
+            out, stats = generate(model, idx, args.max_new_tokens, **kw), {}
+        else:
+            out, stats = speculative_generate(model, idx, args.max_new_tokens, draft=draft, k=args.k, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    for row in out.tolist():
+        print(tok.decode(row[1:]))
+        print("-" * 40)
+    n_new = args.num_samples * args.max_new_tokens
+    line = f"{n_new} tokens in {dt:.2f} s: {n_new / dt:,.1f} tokens/s"
+    if stats:
+        line += (f"; acceptance rate {stats['acceptance_rate']:.1%}, "
+                 f"{stats['tokens_per_step']:.2f} tokens per target forward")
+    print(line)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        if os.environ.get("NANO_DEBUG"):
+            raise
+        sys.exit(f"sample.py: error: {e}")

@@ -1,0 +1,354 @@
+"""Train a nano model.
+
+    python train.py                                   # default corpus; 124m preset on CUDA, tiny on CPU
+    python train.py --preset tiny --max-steps 200     # any ModelConfig/TrainConfig field is a flag
+    python train.py --out-dir out --resume            # continue exactly where the last checkpoint left off
+    torchrun --nproc_per_node=8 train.py --parallel fsdp   # many GPUs (DDP by default)
+
+Reads top to bottom: setup, data, model, optimizer, then the loop (eval/checkpoint -> micro-steps ->
+clip -> step -> log). Every number logged to the terminal also goes to OUT_DIR/metrics.jsonl.
+"""
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict, replace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from nano.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nano.config import ModelConfig, parse_args
+from nano.data import PackedLoader, prepare_data
+from nano.generate import generate
+from nano.model import Block, Transformer
+from nano.runtime import autocast, flops_per_token, peak_flops, pick_device
+
+
+def main(argv):
+    # -------------------------------------------------------------------------
+    # setup: processes (torchrun or one), device and dtype; the default preset depends on the device
+    _, pre = parse_args(argv)
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
+                               (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device, dtype, reason = pick_device(pre.device, pre.dtype)
+    model_cfg, cfg = parse_args(argv, defaults={"preset": "124m" if device.type == "cuda" else "tiny"})
+    if world > 1:
+        _check_launcher(device, local_rank)
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size ({cfg.batch_size}) is the global batch and must be divisible by the "
+                             f"world size ({world}); change --batch-size or --nproc_per_node")
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0  # logs, writes checkpoints and metrics
+    say = print if master else (lambda *a, **k: None)
+    say(f"device: {device}, dtype: {str(dtype).removeprefix('torch.')} ({reason})"
+        + (f"; {world} processes, {cfg.parallel}" if world > 1 else ""))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    ckpt_file = os.path.join(cfg.out_dir, "ckpt.pt")
+    state = None
+    if cfg.resume:
+        state = load_checkpoint(ckpt_file)
+        model_cfg = ModelConfig(**state["model_config"])  # the architecture is the checkpoint's
+        saved = state["train_config"]
+        cfg = replace(cfg, data=saved["data"], tokenizer=saved["tokenizer"], seed=saved["seed"])
+        say(f"resuming from {ckpt_file} at step {state['step']}")
+    elif os.path.exists(ckpt_file):
+        raise ValueError(f"{ckpt_file} exists: pass --resume to continue it, or choose another --out-dir")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # -------------------------------------------------------------------------
+    # data: tokenizer + memory-mapped shards (cached), packed rows with document boundaries
+    if world > 1 and not master:
+        dist.barrier()  # rank 0 trains the tokenizer and writes the cache; the others then read it
+    data = prepare_data(cfg.data, cfg.tokenizer, model_cfg.vocab_size, progress=master)
+    if world > 1 and master:
+        dist.barrier()
+    tok = data.tokenizer
+    if state is not None and tok.state() != state["tokenizer"]:
+        raise ValueError("the tokenizer prepared for this data differs from the checkpoint's; resume with "
+                         "the same --data and --tokenizer as the original run")
+    model_cfg = replace(model_cfg, vocab_size=tok.vocab_size)
+    rows = cfg.batch_size // world  # this process's rows of each global micro-batch
+    if cfg.tokens_per_step:
+        micro = cfg.batch_size * cfg.seq_len
+        if cfg.tokens_per_step % micro:
+            raise ValueError(f"tokens_per_step ({cfg.tokens_per_step}) must be a multiple of batch_size * "
+                             f"seq_len ({micro}); change --tokens-per-step or --batch-size")
+        cfg = replace(cfg, grad_accum=cfg.tokens_per_step // micro)
+    tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+    loader = PackedLoader(data.train, rows, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
+    PackedLoader(data.val, rows, cfg.seq_len)  # fail now, not at the first eval, if val is too small
+
+    # -------------------------------------------------------------------------
+    # model: built on the device, then wrapped for DDP / FSDP2 and compiled
+    raw_model = Transformer(model_cfg).to(device)
+    raw_model.set_grad_ckpt(cfg.grad_ckpt)
+    say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {model_cfg.n_layer} layers, vocab "
+        f"{model_cfg.vocab_size}; {cfg.grad_accum} x {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} "
+        "tokens per step")
+    ddp_model = None
+    if world > 1 and cfg.parallel == "fsdp":
+        # shard every block, then the rest (embedding, head); compute in the AMP dtype, reduce in fp32
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in [m for m in raw_model.modules() if isinstance(m, Block)]:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(raw_model, mp_policy=mp)
+        model = raw_model
+    elif world > 1:
+        model = ddp_model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None)
+    else:
+        model = raw_model
+    compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if compile_on:
+        model = torch.compile(model)
+
+    def grad_sync(on):
+        """Gradient all-reduce only on the last micro-step of an accumulation."""
+        if ddp_model is not None:
+            ddp_model.require_backward_grad_sync = on
+        elif world > 1:
+            raw_model.set_requires_gradient_sync(on)
+
+    def all_sum(value):
+        if world == 1:
+            return value
+        t = torch.tensor(value, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.item()
+
+    # -------------------------------------------------------------------------
+    # optimizer: AdamW; no weight decay on norms, biases and embeddings
+    embedding = raw_model.tok_embeddings.weight
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and p is not embedding]
+    no_decay = [p for p in params if p.dim() < 2 or p is embedding]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def lr_at(step):
+        """Linear warmup, then cosine to lr * min_lr_ratio, or WSD: flat, then linear over the last 20%."""
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        lo = cfg.lr * cfg.min_lr_ratio
+        if cfg.schedule == "wsd":
+            start = int(0.8 * cfg.max_steps)
+            frac = max(0.0, (step - start) / max(1, cfg.max_steps - start))
+            return cfg.lr - (cfg.lr - lo) * frac
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
+
+    # full (unsharded) state dicts: a checkpoint resumes on any number of processes, and sample.py
+    # reads it without torch.distributed
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    step = 0
+    if state is not None:
+        set_model_state_dict(raw_model, state["model"], options=full)
+        set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=full)
+        scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        random.setstate(state["rng"]["python"])
+        step = state["step"]
+    del state
+
+    def checkpoint():
+        model_sd = get_model_state_dict(raw_model, options=full)  # collective under FSDP: every rank calls
+        optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=full)
+        if master:
+            save_checkpoint(ckpt_file, {
+                "model": model_sd, "model_config": asdict(model_cfg), "train_config": asdict(cfg),
+                "optimizer": optim_sd, "scaler": scaler.state_dict(), "loader": loader.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                "step": step, "tokenizer": tok.state(), "world_size": world})
+        if world > 1:
+            dist.barrier()
+
+    # -------------------------------------------------------------------------
+    # evaluation, sampling, logging
+    metrics_file = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if master:
+        _truncate_metrics(metrics_file, step)
+
+    def log(record):
+        if master:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def batch_to(batch):
+        return [t.to(device, non_blocking=True) for t in batch]
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        val = PackedLoader(data.val, rows, cfg.seq_len, rank=rank, world_size=world)  # same batches each time
+        loss_sum = count = 0.0
+        for _ in range(cfg.eval_steps):
+            x, y, cu = batch_to(val.next_batch())
+            n = (y != -100).sum().item()
+            with autocast(device, dtype):
+                loss_sum += model(x, y, cu_seqlens=cu)[1].item() * n
+            count += n
+        model.train()
+        loss = all_sum(loss_sum) / all_sum(count)
+        return loss, loss / math.log(2) / data.bytes_per_token  # bits per byte compare across tokenizers
+
+    def show_sample(n=48):
+        raw_model.eval()  # every rank runs it (FSDP needs all of them for a forward); rank 0 prints
+        prompt = torch.tensor([[tok.bos_id] + tok.encode("def ")], device=device)
+        with autocast(device, dtype):
+            out = generate(raw_model, prompt, n, temperature=0.8, top_k=50, seed=cfg.seed)
+        raw_model.train()
+        if master:
+            tqdm.write("sample: " + repr(tok.decode(out[0, 1:].tolist())))
+
+    flops_token = flops_per_token(raw_model, cfg.seq_len)
+    peak = peak_flops(device)
+    stop_signal = []
+    for sig in (signal.SIGINT, signal.SIGTERM):  # save and exit cleanly instead of dying mid-step
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    # -------------------------------------------------------------------------
+    # the loop
+    model.train()
+    start_step, skipped = step, 0
+    pbar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not master)
+    while step < cfg.max_steps:
+        if step % cfg.eval_every == 0:
+            val_loss, val_bpb = evaluate()
+            if master:
+                tqdm.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
+            log({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+        if cfg.sample_every and step % cfg.sample_every == 0 and step > start_step:
+            show_sample()
+
+        t0 = time.perf_counter()
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Weight each micro-batch by its share of the step's (global) non-ignored targets, so the
+        # gradient is that of the mean over all of them: independent of how rows are split into
+        # micro-steps and processes (DDP/FSDP average over processes, hence the factor `world`).
+        batches = [batch_to(loader.next_batch()) for _ in range(cfg.grad_accum)]
+        counts = [(y != -100).sum().item() for _, y, _ in batches]
+        total = max(all_sum(sum(counts)), 1)
+        loss_sum = 0.0
+        for i, (x, y, cu) in enumerate(batches):
+            grad_sync(i == cfg.grad_accum - 1)
+            with autocast(device, dtype):
+                _, loss = model(x, y, cu_seqlens=cu)
+            scaler.scale(loss * (counts[i] * world / total)).backward()
+            loss_sum += loss.item() * counts[i]
+        loss_value = all_sum(loss_sum) / total
+        if not math.isfinite(loss_value):
+            last = f"the last good checkpoint is {ckpt_file}" if os.path.exists(ckpt_file) else "no checkpoint yet"
+            raise FloatingPointError(f"loss is {loss_value} at step {step}: stopping ({last}); try a lower --lr, "
+                                     "--dtype bf16/fp32, or a smaller --grad-clip")
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        if scaler.is_enabled() and scaler.get_scale() < scale_before:
+            skipped += 1  # fp16 overflow: GradScaler skipped this update and lowered the scale
+        optimizer.zero_grad(set_to_none=True)
+        raw_model.update_moe_bias()  # aux-loss-free MoE balancing; a no-op for dense models
+        step += 1
+
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tok_s = tokens_per_step / dt
+        mfu = flops_token * tok_s / (peak * world) if peak else None
+        mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+        record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tok_per_s": tok_s,
+                  "mfu": mfu, "mem_gib": mem, "packing": loader.efficiency}
+        if scaler.is_enabled():
+            record["skipped_steps"] = skipped
+        record.update(raw_model.moe_stats())
+        log(record)
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}",
+                         mfu="unknown" if mfu is None else f"{mfu:.1%}")
+        if master and step % cfg.log_every == 0:
+            tqdm.write(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+                       f"{tok_s:,.0f} tok/s, MFU {'unknown' if mfu is None else f'{mfu:.1%}'}, "
+                       f"mem {mem:.2f} GiB" + (f", skipped steps {skipped}" if scaler.is_enabled() else ""))
+
+        stop = all_sum(float(bool(stop_signal))) > 0  # every process stops at the same step
+        done = step == cfg.max_steps or (cfg.stop_after and step - start_step >= cfg.stop_after)
+        if step % cfg.ckpt_every == 0 or done or stop:
+            checkpoint()
+        if stop:
+            say(f"signal received: checkpoint saved to {ckpt_file} at step {step}; continue with --resume")
+            break
+        if done:
+            break
+    pbar.close()
+
+    if step == cfg.max_steps:
+        val_loss, val_bpb = evaluate()
+        say(f"final: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}; checkpoint {ckpt_file}")
+        log({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+        show_sample()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _check_launcher(device, local_rank):
+    """torchrun sets these; a hand-made environment that lacks them fails here, not in a hang."""
+    for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise ValueError(f"WORLD_SIZE > 1 but {var} is not set: launch with torchrun (several nodes: "
+                             "--nnodes N --node-rank R --master-addr HOST --master-port PORT)")
+    if device.type == "cuda" and local_rank >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs: "
+                         "--nproc_per_node must not exceed the GPU count")
+
+
+def _truncate_metrics(path, step):
+    """On resume, drop the records that come after the checkpoint (the run that was cut off wrote them,
+    the resumed run writes them again); a fresh run starts an empty file."""
+    if not os.path.exists(path):
+        return
+    lines = []
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["step"] < step or (r["step"] == step and "loss" in r):
+                lines.append(line)
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as e:
+        if os.environ.get("NANO_DEBUG"):
+            raise
+        sys.exit(f"train.py: error: {e}")
