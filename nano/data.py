@@ -238,17 +238,19 @@ def _write_shard(folder, split, docs, tok, dtype, progress):
 
 
 def _cache_key(data, tokenizer, vocab_size, val_fraction):
+    """(folder name, loaded tokenizer or None): the hash covers everything the shards depend on."""
     h = hashlib.sha256(json.dumps({"format": FORMAT, "data": os.path.abspath(data) if data else "",
                                    "vocab_size": vocab_size if not tokenizer else None,
                                    "val_fraction": val_fraction}).encode())
     for f in _corpus_files(data):  # names, sizes and mtimes: no need to read 31 MB to find the cache
         st = os.stat(f)
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    if tokenizer:
-        h.update(load_tokenizer(tokenizer).fingerprint().encode())
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    if tok is not None:
+        h.update(tok.fingerprint().encode())
     label = Path(data).stem if data else "stdlib"
     tok_label = Path(tokenizer).stem if tokenizer else f"bpe{vocab_size}"
-    return f"{label}-{tok_label}-{h.hexdigest()[:16]}"
+    return f"{label}-{tok_label}-{h.hexdigest()[:16]}", tok
 
 
 def _load_cached(folder):
@@ -288,7 +290,8 @@ def prepare_data(data="", tokenizer="", vocab_size=8192, *, cache_dir=None, val_
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     root = cache_dir or default_cache_dir()
-    folder = os.path.join(root, _cache_key(data, tokenizer, vocab_size, val_fraction))
+    name, tok = _cache_key(data, tokenizer, vocab_size, val_fraction)
+    folder = os.path.join(root, name)
     if (cached := _load_cached(folder)) is not None:
         return cached
 
@@ -296,9 +299,7 @@ def prepare_data(data="", tokenizer="", vocab_size=8192, *, cache_dir=None, val_
     docs, report = read_documents(data, on_bad_line=on_bad_line)
     train_docs, val_docs = split_documents(docs, val_fraction)
     del docs
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
-    else:
+    if tok is None:
         tok = train_bpe(train_docs, vocab_size, progress=progress)
     dtype = token_dtype(tok.vocab_size)
     _remove_dead_tmp(folder)
@@ -311,18 +312,18 @@ def prepare_data(data="", tokenizer="", vocab_size=8192, *, cache_dir=None, val_
         # val targets are the tokens after each document's bos
         n_targets = va["n_tokens"] - va["n_docs"] if va["n_docs"] else tr["n_tokens"] - tr["n_docs"]
         bpt = (va["n_bytes"] if va["n_docs"] else tr["n_bytes"]) / max(n_targets, 1)
-        report.update(tokenizer=tokenizer or f"nano BPE trained on the train split", vocab_size=tok.vocab_size,
+        report.update(tokenizer=tokenizer or "nano BPE trained on the train split", vocab_size=tok.vocab_size,
                       n_train_docs=tr["n_docs"], n_val_docs=va["n_docs"], n_train_tokens=tr["n_tokens"],
                       n_val_tokens=va["n_tokens"], n_bytes=tr["n_bytes"] + va["n_bytes"],
                       bytes_per_token=bpt, prepare_seconds=round(time.time() - t0, 2))
         meta = {"format": FORMAT, "complete": True, "bytes_per_token": bpt, "report": report}
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: its presence marks a complete folder
             json.dump(meta, f, indent=1)
-        if os.path.exists(folder):  # damaged or half-written by a killed run: never read, replaced
-            shutil.rmtree(folder, ignore_errors=True)
+        if os.path.exists(folder) and _load_cached(folder) is None:  # damaged, or half-written by a
+            shutil.rmtree(folder, ignore_errors=True)  # run killed before this layout: never read, replaced
         try:
             os.replace(tmp, folder)
-        except OSError:  # another process (torchrun rank) finished the same folder first: use theirs
+        except OSError:  # another process finished the same folder first (it is complete): use it
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -414,7 +415,8 @@ class PackedLoader:
     def load_state_dict(self, sd):
         missing = {"pos", "seed"} - set(sd)
         if missing:
-            raise ValueError(f"loader state lacks {sorted(missing)}; it was not made by PackedLoader.state_dict()")
+            raise ValueError(f"loader state lacks {sorted(missing)}; it was not made by "
+                             "PackedLoader.state_dict()")
         self.pos, self.seed = int(sd["pos"]), int(sd["seed"])
         self.n_targets, self.n_seen = int(sd.get("n_targets", 0)), int(sd.get("n_seen", 0))
         self._epochs = {}

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 
 import regex
 import tiktoken
@@ -33,8 +33,8 @@ from tqdm import tqdm
 GPT4_SPLIT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
               r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 # Meta Llama-3 (llama_models/llama3/tokenizer.py; 3.1+ names, ids of bos/eos/pad/eot as in 3.0)
-LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
@@ -48,7 +48,8 @@ class Tokenizer:
     def __init__(self, name, pat_str, mergeable_ranks, special_tokens, bos, eos, pad):
         for role, tok in (("bos", bos), ("eos", eos), ("pad", pad)):
             if tok not in special_tokens:
-                raise ValueError(f"{role} token {tok!r} is not among the special tokens {list(special_tokens)}")
+                raise ValueError(f"{role} token {tok!r} is not among the special tokens "
+                                 f"{list(special_tokens)}")
         self.name, self.pat_str = name, pat_str
         self.mergeable_ranks, self.special_tokens = dict(mergeable_ranks), dict(special_tokens)
         self.bos, self.eos, self.pad = bos, eos, pad
@@ -189,11 +190,12 @@ def _load_named(name):
         except _NotCached as e:
             url, cache = e.args[0], tiktoken_cache_dir()
             where = os.path.join(cache or "<a folder>", hashlib.sha1(url.encode()).hexdigest())
+            default = os.path.join(tempfile.gettempdir(), "data-gym-cache")
             raise FileNotFoundError(
                 f"tiktoken encoding {name!r} is not in the local tiktoken cache and nano never downloads: "
                 f"fetch {url} on a machine with internet and save it as {where} (tiktoken's cache is "
-                f"$TIKTOKEN_CACHE_DIR, else {os.path.join(tempfile.gettempdir(), 'data-gym-cache')}), or pass "
-                "the path of a tokenizer file instead") from None
+                f"$TIKTOKEN_CACHE_DIR, else {default}), or pass the path of a tokenizer file instead"
+            ) from None
         finally:
             tiktoken.load.read_file = read_file
     specials = dict(kw["special_tokens"])
@@ -226,7 +228,7 @@ def _count_chunks(texts, pat_str):
 
 
 def count_chunks(texts, pat_str=GPT4_SPLIT, workers=None):
-    """Counter of the regex chunks of all texts; big corpora are split over processes (regex holds the GIL)."""
+    """Counter of the regex chunks of all texts; split over processes: regex holds the GIL."""
     workers = workers or os.cpu_count() or 1
     if workers == 1 or sys.platform != "linux" or sum(map(len, texts)) < (4 << 20):
         return _count_chunks(texts, pat_str)

@@ -227,12 +227,14 @@ def test_killed_build_leaves_nothing_that_is_read(corpus, tmp_path, monkeypatch)
 def test_single_text_file_and_jsonl(tmp_path):
     text = "".join(f"{i} the cat sat on the mat\n" for i in range(300))
     (tmp_path / "t.txt").write_text(text)
-    prep = prepare_data(str(tmp_path / "t.txt"), vocab_size=270, cache_dir=str(tmp_path / "c"), progress=False)
+    cache = str(tmp_path / "c")
+    prep = prepare_data(str(tmp_path / "t.txt"), vocab_size=270, cache_dir=cache, progress=False)
     tok = prep.tokenizer
     assert (prep.train.n_docs, prep.val.n_docs) == (1, 1)
     assert tok.decode(prep.train.document(0)[1:]) + tok.decode(prep.val.document(0)[1:]) == text
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 20}) + "\n" for i in range(30)))
-    prep = prepare_data(str(tmp_path / "d.jsonl"), vocab_size=270, cache_dir=str(tmp_path / "c"), progress=False)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 20}) + "\n"
+                                              for i in range(30)))
+    prep = prepare_data(str(tmp_path / "d.jsonl"), vocab_size=270, cache_dir=cache, progress=False)
     assert (prep.train.n_docs, prep.val.n_docs) == (29, 1)
 
 

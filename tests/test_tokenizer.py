@@ -135,7 +135,7 @@ def test_runs_out_of_pairs_with_a_warning():
 
 @pytest.mark.parametrize("bad", [258, 0, -5, 300.0, "8192"])
 def test_bad_vocab_size(bad):
-    with pytest.raises(ValueError, match=r"vocab_size must be an int >= 259 \(256 bytes \+ 3 special tokens\)"):
+    with pytest.raises(ValueError, match=r"vocab_size must be an int >= 259 \(256 bytes \+ 3 special"):
         train_bpe(["hello"], bad, progress=False)
 
 
@@ -144,7 +144,8 @@ def test_bad_vocab_size(bad):
 def test_round_trip(trained):
     rng = random.Random(1)
     texts = ["", " ", "\n", "héllo wörld", "日本語のテキストと中文", "emoji 👩‍👩‍👧‍👦🏳️‍🌈🙂", "\x00\x01\x7f",
-             "a" * 1000, "\ufffd\ufeff\U0010ffff"] + [random_text(rng, rng.randint(1, 200)) for _ in range(50)]
+             "a" * 1000, "\ufffd\ufeff\U0010ffff"]
+    texts += [random_text(rng, rng.randint(1, 200)) for _ in range(50)]
     for text in texts:
         ids = trained.encode(text)
         assert all(0 <= i < trained.vocab_size - 3 for i in ids)  # ordinary text never gives specials
@@ -265,9 +266,11 @@ def test_uncached_named_encoding_says_how_to_provide_it(name, tmp_path, monkeypa
     with pytest.raises(FileNotFoundError) as e:
         load_tokenizer(name)
     msg = str(e.value)
-    assert f"tiktoken encoding {name!r} is not in the local tiktoken cache" in msg and "never downloads" in msg
+    assert f"tiktoken encoding {name!r} is not in the local tiktoken cache" in msg
+    assert "never downloads" in msg
     url = msg.split("fetch ")[1].split()[0]
-    assert url.startswith("https://") and os.path.join(str(tmp_path), hashlib.sha1(url.encode()).hexdigest()) in msg
+    assert url.startswith("https://")
+    assert os.path.join(str(tmp_path), hashlib.sha1(url.encode()).hexdigest()) in msg  # where to put it
     assert no_network == []
     assert tiktoken.load.read_file.__name__ == "read_file"  # the guard was undone
 
