@@ -111,15 +111,22 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"tokenizer {path!r} is a folder: give the file in it "
+                                    "(e.g. tokenizer.model)")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
         ranks = read_bpe_file(path)
         side = path + ".special.json"
         if os.path.exists(side):
-            with open(side) as f:
-                meta = json.load(f)
-            return cls(meta["name"], meta["pat_str"], ranks, meta["special_tokens"],
-                       meta["bos"], meta["eos"], meta["pad"])
+            try:
+                with open(side) as f:
+                    meta = json.load(f)
+                return cls(meta["name"], meta["pat_str"], ranks, meta["special_tokens"],
+                           meta["bos"], meta["eos"], meta["pad"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{side} is not a nano tokenizer sidecar ({e!r}); delete it to read {path} "
+                                 "as a Llama-3 tokenizer.model, or save the tokenizer again") from None
         # a bare BPE file is Meta Llama-3's tokenizer.model: its specials follow the last rank (128000+)
         first = max(ranks.values()) + 1
         specials = {tok: first + i for i, tok in enumerate(LLAMA3_SPECIALS)}
@@ -227,10 +234,10 @@ def _count_chunks(texts, pat_str):
     return counts
 
 
-def count_chunks(texts, pat_str=GPT4_SPLIT, workers=None):
+def count_chunks(texts, pat_str=GPT4_SPLIT, workers=None, min_parallel=4 << 20):
     """Counter of the regex chunks of all texts; split over processes: regex holds the GIL."""
     workers = workers or os.cpu_count() or 1
-    if workers == 1 or sys.platform != "linux" or sum(map(len, texts)) < (4 << 20):
+    if workers == 1 or sys.platform != "linux" or sum(map(len, texts)) < min_parallel:
         return _count_chunks(texts, pat_str)
     import multiprocessing
     parts = [texts[i::4 * workers] for i in range(4 * workers)]

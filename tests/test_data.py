@@ -369,3 +369,23 @@ def test_loader_bad_inputs():
 def test_tokenizer_saved_with_the_shards_loads(prepared):
     tok = Tokenizer.load(os.path.join(prepared.path, "tokenizer.tiktoken"))
     assert tok.state() == prepared.tokenizer.state()
+
+
+def test_batches_feed_the_model_as_separate_documents():
+    # the loss on packed rows with cu_seqlens equals the loss of every piece run on its own
+    from nano.config import ModelConfig
+    from nano.model import Transformer
+    torch.manual_seed(0)
+    lengths = [5, 40, 3, 100, 20]
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = np.random.default_rng(0).integers(0, 100, starts[-1]).astype(np.uint16)
+    x, y, cu = PackedLoader(Shard(tokens, starts), 2, 32, seed=2).next_batch()
+    model = Transformer(ModelConfig(vocab_size=128, n_layer=2, n_head=2, n_embd=32))
+    _, loss = model(x, y, cu_seqlens=cu)
+    total, count = 0.0, 0
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        logits, _ = model(x.reshape(-1)[a:b][None])
+        t = y.reshape(-1)[a:b]
+        total += torch.nn.functional.cross_entropy(logits[0].double(), t, reduction="sum").item()
+        count += int((t != -100).sum())
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)

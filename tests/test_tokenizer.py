@@ -15,7 +15,7 @@ import tiktoken.load
 import tiktoken.registry
 import torch
 
-from nano.tokenizer import GPT4_SPLIT, Tokenizer, load_tokenizer, read_bpe_file, train_bpe
+from nano.tokenizer import GPT4_SPLIT, Tokenizer, count_chunks, load_tokenizer, read_bpe_file, train_bpe
 
 
 def stdlib_text(*names):
@@ -119,6 +119,13 @@ def test_encoding_equals_greedy_merge_order(small_corpus, trained):
     unseen = stdlib_text("bisect.py")[0][:3000]
     for text in [*small_corpus, unseen, random_text(rng, 300), "  \n\n\t x  y  \r\n  ", "1234567 3.14159"]:
         assert trained.encode(text) == naive_encode(text, merges)
+
+
+def test_chunk_counts_in_worker_processes(small_corpus):
+    texts = small_corpus * 3
+    expected = collections.Counter(c for t in texts for c in regex.findall(GPT4_SPLIT, t))
+    assert count_chunks(texts, workers=2, min_parallel=0) == expected
+    assert count_chunks(texts, workers=1) == expected
 
 
 def test_training_is_deterministic(small_corpus, trained):
@@ -244,6 +251,13 @@ def test_bad_bpe_files(tmp_path):
         load_tokenizer(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="empty tokenizer spec"):
         load_tokenizer("")
+    with pytest.raises(IsADirectoryError, match="is a folder: give the file in it"):
+        load_tokenizer(str(tmp_path))
+    good = tmp_path / "good.tiktoken"
+    write_bpe(good, [bytes([i]) for i in range(256)])
+    (tmp_path / "good.tiktoken.special.json").write_text('{"name": "x"}')
+    with pytest.raises(ValueError, match=r"good.tiktoken.special.json is not a nano tokenizer sidecar"):
+        load_tokenizer(str(good))
 
 
 # ---- named tiktoken encodings: only from the local cache, never the network
