@@ -161,8 +161,8 @@ def bench_shape(kernels, N, D, V, dtype, device, args, compile_backend, chunk_sw
             kernels.LCE_CHUNK_BYTES = default_chunk
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rows.append({"variant": name, "N": N, "D": D, "V": V, "chunk_bytes": chunk, "ms": ms, "peak_gib": peak,
-                     "tflops": 6 * N * V * D / ms / 1e9 if ms else None, "error": err})
+        rows.append({"variant": name, "N": N, "D": D, "V": V, "chunk_bytes": chunk, "ms": ms,
+                     "peak_gib": peak, "tflops": 6 * N * V * D / ms / 1e9 if ms else None, "error": err})
     for r in rows:  # ratios against the baselines of the same shape, same run
         for base in ("eager", "compile"):
             b = next(x for x in rows if x["variant"] == base)
@@ -182,16 +182,18 @@ def main():
     p.add_argument("--N", type=int, default=16384)
     p.add_argument("--D", type=int, default=2048)
     p.add_argument("--vocabs", default="128256,50257,32000")
-    p.add_argument("--chunk-sweep", default="256,4096", help="other LCE_CHUNK_BYTES (MiB) tried at the first V")
+    p.add_argument("--chunk-sweep", default="256,4096", help="other LCE_CHUNK_BYTES (MiB), first V only")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run, Triton interpreted: checks the script")
-    p.add_argument("--out", default=None, help="results JSON (default bench/results/loss.json; none for --smoke)")
+    p.add_argument("--out", default=None, help="results JSON (default bench/results/loss.json; smoke: none)")
     args = p.parse_args()
     if args.smoke:  # before kernels (and triton) are imported: run the Triton kernel interpreted
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        args.N, args.D, args.vocabs, args.chunk_sweep, args.iters, args.warmup = 64, 32, "97,1000", "0.005", 2, 1
-        device, dtype, compile_backend = torch.device("cpu"), torch.float32, "aot_eager"  # no C++ toolchain needed
+        args.N, args.D, args.vocabs, args.iters, args.warmup = 64, 32, "97,1000", 2, 1
+        args.chunk_sweep = "0.005"  # ~13 rows of V=97: several chunks
+        device, dtype = torch.device("cpu"), torch.float32
+        compile_backend = "aot_eager"  # no C++ toolchain needed
         check_shapes, check_dtypes = [(5, 16, 97, None), (40, 24, 1000, 0.5)], [torch.float32]
     else:
         if not torch.cuda.is_available():
@@ -213,13 +215,13 @@ def main():
 
     print(f"\nloss + backward, N={args.N} D={args.D} {str(dtype).replace('torch.', '')}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    print(f"{'V':>7} {'variant':<22} {'ms':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'ms/eager':>9} {'ms/compile':>11} "
-          f"{'mem/eager':>10} {'ms/GEMMx3':>10}")
+    print(f"{'V':>7} {'variant':<24} {'ms':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'ms/eager':>9} "
+          f"{'ms/compile':>11} {'mem/eager':>10} {'ms/GEMMx3':>10}")
     for r in rows:
-        print(f"{r['V']:>7} {r['variant']:<22} {fmt(r['ms'], '8.2f')} {fmt(r['tflops'], '8.0f')} "
-              f"{fmt(r['peak_gib'], '9.2f')} {fmt(r['ms_vs_eager'], '9.2f')} {fmt(r['ms_vs_compile'], '11.2f')} "
-              f"{fmt(r['peak_gib_vs_eager'], '10.3f')} {fmt(r['ms_vs_gemm_x3'], '10.2f')}"
-              + (f"  {r['error']}" if r["error"] else ""))
+        print(f"{r['V']:>7} {r['variant']:<24} {fmt(r['ms'], '8.2f')} {fmt(r['tflops'], '8.0f')} "
+              f"{fmt(r['peak_gib'], '9.2f')} {fmt(r['ms_vs_eager'], '9.2f')} "
+              f"{fmt(r['ms_vs_compile'], '11.2f')} {fmt(r['peak_gib_vs_eager'], '10.3f')} "
+              f"{fmt(r['ms_vs_gemm_x3'], '10.2f')}" + (f"  {r['error']}" if r["error"] else ""))
     targets = []
     for name, V, (key, base), bound in TARGETS:
         r = next((x for x in rows if x["V"] == V and x["variant"] == "fused"), None)

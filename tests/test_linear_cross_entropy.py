@@ -171,7 +171,8 @@ def test_dispatch_reaches_the_kernel_and_force_reference(monkeypatch):
     h, w, t = _data(5, 16, 97, torch.float32, 0.0, seed=6)
     calls = []
     real = kernels.linear_cross_entropy_reference
-    monkeypatch.setattr(kernels, "linear_cross_entropy_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(kernels, "linear_cross_entropy_reference",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     kernels.linear_cross_entropy(h, w, t)
     assert calls == []  # the Triton path ran, not the reference
     monkeypatch.setattr(kernels, "FORCE_REFERENCE", True)
@@ -196,7 +197,28 @@ def test_out_of_range_target_gives_nan():
 def test_bad_input_errors(args, match):
     hs, ws, ts, tdtype, wdtype = args
     with pytest.raises(ValueError, match=match):
-        kernels.linear_cross_entropy(torch.randn(hs), torch.randn(ws, dtype=wdtype), torch.zeros(ts, dtype=tdtype))
+        kernels.linear_cross_entropy(torch.randn(hs), torch.randn(ws, dtype=wdtype),
+                                     torch.zeros(ts, dtype=tdtype))
+
+
+def test_under_torch_compile():
+    # the fused path is a graph break for torch.compile (aot_eager here: no C++ toolchain needed)
+    h, w, t = _data(40, 16, 211, torch.float32, 0.1, seed=8)
+    p = torch.randn(16, 16) / 4
+
+    def f(h, w, t, p):
+        return kernels.linear_cross_entropy(torch.tanh(h @ p), w, t)
+
+    got = [x.grad for x in _grads(torch.compile(f, backend="aot_eager"), h, w, t, p)]
+    ref = [x.grad for x in _grads(f, h.double(), w.double(), t, p.double())]
+    for a, b in zip(got, ref):
+        assert (a.double() - b).abs().max() < 1e-6 * b.abs().max()
+
+
+def _grads(f, h, w, t, p):
+    w, p = w.clone().requires_grad_(), p.clone().requires_grad_()
+    f(h, w, t, p).backward()
+    return w, p
 
 
 def _train_curve(fused, steps=10):
