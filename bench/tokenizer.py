@@ -149,7 +149,9 @@ def main():
         "torch": torch.__version__, "triton": _version("triton"), "tiktoken": _version("tiktoken"),
         "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python bench/tokenizer.py" + (" --smoke" if args.smoke else ""),
+        # the machine is shared: a load average above the core count means the figures are pessimistic
         "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "corpus": {"source": report["source"], "documents": len(docs), "bytes": n_bytes},
         "vocab_size": tok.vocab_size, "dtype": "uint16 tokens, int64 batches",
         "train_bpe": {"seconds": round(t_train, 2), "chunk_count_seconds": round(t_count, 2),

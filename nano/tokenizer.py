@@ -16,6 +16,7 @@ import collections
 import hashlib
 import heapq
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -234,19 +235,22 @@ def _count_chunks(texts, pat_str):
     return counts
 
 
-def count_chunks(texts, pat_str=GPT4_SPLIT, workers=None, min_parallel=4 << 20):
-    """Counter of the regex chunks of all texts; split over processes: regex holds the GIL."""
+def count_chunks(texts, pat_str=GPT4_SPLIT, *, workers=None, min_parallel=4 << 20, progress=False):
+    """Counter of the regex chunks of all texts, in worker processes for big corpora (regex holds the GIL)."""
     workers = workers or os.cpu_count() or 1
-    if workers == 1 or sys.platform != "linux" or sum(map(len, texts)) < min_parallel:
-        return _count_chunks(texts, pat_str)
-    import multiprocessing
-    parts = [texts[i::4 * workers] for i in range(4 * workers)]
+    parallel = workers > 1 and sys.platform == "linux" and sum(map(len, texts)) >= min_parallel
+    n = 4 * workers if parallel else 16  # more parts than workers balances the load and moves the bar
+    parts = [texts[i::n] for i in range(n)]
     # fork: no re-import of the caller's __main__ (train.py is a flat script without a main guard)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
-        counters = list(ex.map(_count_chunks, parts, [pat_str] * len(parts)))
-    total = counters[0]
-    for c in counters[1:]:
-        total.update(c)
+    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if parallel else None
+    total = collections.Counter()
+    try:
+        counted = (ex.map if ex else map)(_count_chunks, parts, [pat_str] * n)
+        for c in tqdm(counted, total=n, desc="bpe: count chunks", disable=not progress):
+            total.update(c)
+    finally:
+        if ex:
+            ex.shutdown()
     return total
 
 
@@ -264,7 +268,7 @@ def train_bpe(texts, vocab_size, *, progress=True, pat_str=GPT4_SPLIT, name=None
     if not isinstance(vocab_size, int) or vocab_size < 256 + n_special:
         raise ValueError(f"vocab_size must be an int >= {256 + n_special} (256 bytes + {n_special} special "
                          f"tokens), got {vocab_size!r}")
-    chunks = count_chunks(texts, pat_str)
+    chunks = count_chunks(texts, pat_str, progress=progress)
     words, freqs = [], []  # each unique chunk as a list of token ids, and how often it occurs
     for chunk, f in chunks.items():
         b = chunk.encode("utf-8")
