@@ -90,13 +90,18 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 
 class _DraftModel:
     """Proposals from a smaller Transformer that shares the target's tokenizer (same vocabulary)."""
+    wants_hidden = False  # needs no hidden states of the target
+    extra_len = 0  # cache positions it needs beyond the target's
 
-    def __init__(self, draft):
-        self.model = draft
+    def __init__(self, draft, k):
+        self.model, self.k = draft, k
 
     def start(self, idx, max_len):
         self.model.setup_cache(idx.shape[0], max_len)
         self.model(idx, start_pos=0)  # fill the draft's cache with the prompt
+
+    def observe(self, h, start):
+        pass
 
     def propose(self, out, pos, k, to_probs, gen):
         """k tokens after each row's last token out[b, pos[b]] -> (d (B, k), q (B, k, V))."""
@@ -119,6 +124,59 @@ class _DraftModel:
 
     def stop(self):
         self.model.clear_cache()
+
+
+class _MTPDraft:
+    """Proposals from the target's own DeepSeek-V3 MTP modules (Transformer.mtp_draft): module d, at the
+    position of the last token, reads h_{d-1} there and the token d - 1 further (a draft token for
+    d > 1) and drafts the token d ahead. The first draft token thus comes almost for free from the
+    target's verify pass; k is capped at mtp_depth (module d only ever learned to predict d ahead).
+
+    Module d's cache entry at position t depends on the tokens up to t + d, so after a step the entries
+    from t = (start of the verify block) - d + 1 on may hold rejected drafts: every step feeds each
+    module one window that starts mtp_depth - 1 positions before the verify block and covers it, with
+    the main model's hidden states kept per position in `h0`. Entries past the last token are junk,
+    masked and later overwritten, like the target's rejected entries.
+    """
+    wants_hidden = True
+
+    def __init__(self, model, k):
+        self.model, self.depth = model, model.config.mtp_depth
+        self.k = min(k, self.depth)
+        self.extra_len = 2 * self.depth  # the windows reach up to 2 * depth - 1 past the verify block
+
+    def start(self, idx, max_len):  # the MTP modules' caches come with model.setup_cache
+        B, D = idx.shape[0], self.model.config.n_embd
+        self.h0 = self.model.output.weight.new_zeros(B, max_len, D)  # main hidden state per position
+
+    def observe(self, h, start):
+        """The target's hidden states h (B, L, D) at positions start..start + L - 1 (start: (B,))."""
+        rows = torch.arange(h.shape[0], device=h.device)[:, None]
+        self.h0[rows, start[:, None] + torch.arange(h.shape[1], device=h.device)] = h.to(self.h0.dtype)
+        self.first = (start - self.depth + 1).clamp(min=0)  # the window of the next propose()
+        self.length = h.shape[1] + self.depth - 1
+
+    def propose(self, out, pos, k, to_probs, gen):
+        B = out.shape[0]
+        rows = torch.arange(B, device=out.device)
+        win = self.first[:, None] + torch.arange(self.length, device=out.device)  # (B, W) positions
+        # the window index of the last token's predecessor, where module d drafts the token pos + d
+        # (the clamp only matters for finished rows, whose drafts are thrown away)
+        at = (pos - 1 - self.first).clamp(min=0)
+        seq = out.clone()  # the tokens, with each row's drafts written after its last token
+        h = self.h0[rows[:, None], win]
+        ds, qs = [], []
+        for d in range(1, k + 1):
+            logits, h = self.model.mtp_draft(h, seq[rows[:, None], win + d], start_pos=self.first, depth=d)
+            q = to_probs(logits[rows, at])
+            x = sample(q, gen)
+            seq[rows, pos + d] = x[:, 0]
+            ds.append(x)
+            qs.append(q)
+        return torch.cat(ds, dim=1), torch.stack(qs, dim=1)
+
+    def stop(self):
+        self.h0 = None
 
 
 def _accept_prob(p_x, q_x):
@@ -154,16 +212,23 @@ def _proposer(model, draft, k):
     if isinstance(draft, str):
         if draft != "mtp":
             raise ValueError(f"draft must be a Transformer or 'mtp', got {draft!r}")
-        return _mtp_proposer(model, k)
+        if getattr(model.config, "mtp_depth", 0) == 0:
+            raise ValueError("draft='mtp' needs a model with MTP modules (trained with --mtp-depth >= 1); "
+                             "pass a draft model instead")
+        return _MTPDraft(model, k)
     if draft.config.vocab_size != model.config.vocab_size:
         raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the model's "
                          f"({model.config.vocab_size}); train the draft with the same tokenizer (same --data "
                          "and --vocab-size)")
-    return _DraftModel(draft)
+    return _DraftModel(draft, k)
 
 
-def _mtp_proposer(model, k):
-    raise NotImplementedError("draft='mtp' is not available yet")
+def _target(model, tokens, start, keep_hidden):
+    """Logits of the target, and its final hidden states when an MTP proposer needs them."""
+    if not keep_hidden:
+        return model(tokens, start_pos=start)[0], None
+    h = model.hidden_states(tokens, start_pos=start)
+    return model.output(h), h
 
 
 def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p, seed, accept):
@@ -171,6 +236,7 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
     if T < 1:
         raise ValueError("speculative_generate needs a prompt of at least one token per row")
     proposer = _proposer(model, draft, k)
+    k = proposer.k
     nan = float("nan")
     stats = dict(acceptance_rate=nan, tokens_per_step=nan, target_forwards=0, draft_forwards=0, proposed=0,
                  accepted=0, accepted_at=[nan] * k)
@@ -181,7 +247,7 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
     to_probs = lambda logits: logits_to_probs(logits, temperature, top_k, top_p)  # noqa: E731
     last = T + max_new_tokens - 1  # position of the last token to output
     # the verify forward writes positions up to pos + k with pos <= last, the output up to pos + k + 1
-    max_len = T + max_new_tokens + k + 1
+    max_len = T + max_new_tokens + k + 1 + proposer.extra_len
     rows = torch.arange(B, device=dev)
     j = torch.arange(k + 1, device=dev)
     out = idx.new_zeros(B, max_len)
@@ -189,8 +255,11 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
     model.setup_cache(B, max_len)
     try:
         proposer.start(idx, max_len)
-        out[:, T] = sample(to_probs(prefill(model, idx)), gen)[:, 0]
+        logits, h = _target(model, idx, 0, proposer.wants_hidden)
         pos = torch.full((B,), T, device=dev)  # each row's last token, not yet in the target's cache
+        if h is not None:
+            proposer.observe(h, pos - T)
+        out[:, T] = sample(to_probs(logits[:, -1]), gen)[:, 0]
         steps = row_steps = emitted = 0
         accepted_at = torch.zeros(k, device=dev)
         while True:
@@ -202,7 +271,8 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
             pos = pos.clamp(max=last)
             d, q = proposer.propose(out, pos, k, to_probs, gen)  # (B, k), (B, k, V)
             block = torch.cat([out[rows, pos][:, None], d], dim=1)  # (B, k + 1)
-            p = to_probs(model(block, start_pos=pos)[0])  # (B, k + 1, V)
+            logits, h = _target(model, block, pos, proposer.wants_hidden)
+            p = to_probs(logits)  # (B, k + 1, V)
             p_x = p[:, :k].gather(-1, d[..., None])[..., 0]
             q_x = q.gather(-1, d[..., None])[..., 0]
             r = torch.rand(B, k, device=dev, generator=gen)
@@ -220,6 +290,8 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
             write = active[:, None] & (j <= a[:, None])  # the a accepted tokens and x, active rows only
             at = pos[:, None] + 1 + j
             out[rows[:, None], at] = torch.where(write, new, out[rows[:, None], at])
+            if h is not None:
+                proposer.observe(h, pos)
             pos = torch.where(active, pos + a + 1, pos)
             steps += 1
             row_steps += n_active
