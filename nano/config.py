@@ -43,11 +43,16 @@ class ModelConfig:
     moe_intermediate_size: int | None = None  # per-expert hidden; None = intermediate_size // 4
     n_group: int = 1  # DeepSeek-V3 group-limited routing: experts split into n_group groups ...
     topk_group: int = 1  # ... and only the best topk_group groups are eligible per token
-    routed_scaling_factor: float = 1.0
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights (DeepSeek-V3: 2.5)
     first_k_dense_replace: int = 0  # the first k layers keep a dense MLP
+    score_func: str = "sigmoid"  # router scores: "sigmoid" (DeepSeek-V3) | "softmax" (Mixtral, Qwen3-MoE)
+    norm_topk_prob: bool = True  # renormalise the k chosen experts' scores to sum to 1
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing: gamma of the selection-bias sign rule
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (DeepSeek-V3: 1e-4); 0 = off
+    moe_impl: str = "auto"  # expert dispatch: "auto" | "loop" (CPU reference) | "grouped" | "bmm"
     # MTP (DeepSeek-V3 multi-token prediction)
     mtp_depth: int = 0  # 0 = off
-    mtp_weight: float = 0.3
+    mtp_weight: float = 0.3  # loss = main + mtp_weight * mean of the MTP losses
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -80,6 +85,14 @@ class ModelConfig:
                    f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
             _check(self.topk_group <= self.n_group,
                    f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+            _check(self.topk_group * (self.n_routed_experts // self.n_group) >= self.num_experts_per_tok,
+                   f"topk_group ({self.topk_group}) groups of {self.n_routed_experts // self.n_group} experts "
+                   f"hold fewer than num_experts_per_tok ({self.num_experts_per_tok}); raise --topk-group")
+        _check(self.score_func in ("sigmoid", "softmax"),
+               f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
+        _check(self.moe_impl in ("auto", "loop", "grouped", "bmm"),
+               f"moe_impl must be auto|loop|grouped|bmm, got {self.moe_impl!r}")
+        _check(self.mtp_depth >= 0, f"mtp_depth must be >= 0, got {self.mtp_depth}")
         if self.rope_scaling is not None:
             keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
             _check(isinstance(self.rope_scaling, dict) and keys <= set(self.rope_scaling),
@@ -223,8 +236,8 @@ def _converter(tp):
     return parse
 
 
-def _type_hints(cls):
-    return typing.get_type_hints(cls)
+def _metavar(conv):
+    return "BOOL" if conv is _parse_bool else conv.__name__.removeprefix("parse_").upper()
 
 
 def build_parser(description="nano"):
@@ -232,11 +245,12 @@ def build_parser(description="nano"):
     p.add_argument("--preset", default=None, help=f"named model preset: {', '.join(PRESETS)}")
     for cls in (TrainConfig, ModelConfig):
         group = p.add_argument_group(cls.__name__)
-        hints = _type_hints(cls)
+        hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]),
-                               default=argparse.SUPPRESS, metavar=f"{f.default!r}".upper()[:24],
-                               help=f"(default: {f.default!r})")
+            conv = _converter(hints[f.name])
+            flag = dict(nargs="?", const=True) if conv is _parse_bool else {}  # bare `--resume` means true
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=argparse.SUPPRESS,
+                               metavar=_metavar(conv), help=f"(default: {f.default!r})", **flag)
     return p
 
 
@@ -262,10 +276,6 @@ def parse_args(argv=None, defaults=None):
         return ModelConfig(**model_kw), TrainConfig(**train_kw)
     except (ValueError, TypeError) as e:
         p.error(str(e))
-
-
-def to_dict(config):
-    return asdict(config)
 
 
 if __name__ == "__main__":  # python -m nano.config --preset tiny: print the resolved configs

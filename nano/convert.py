@@ -1,7 +1,36 @@
-"""Load Hugging Face (Llama, Qwen3) and Meta Llama-3 checkpoints into nano's Transformer.
+"""Load Hugging Face (Llama, Qwen3, DeepSeek-V3) and Meta Llama-3 checkpoints into nano's Transformer.
 
 nano's parameter names are Meta's, so Meta checkpoints load as they are (RoPE weights permuted to
 the rotate-half layout) and Hugging Face checkpoints go through the table below.
+
+DeepSeek-V3 (model_type "deepseek_v3", DeepseekV3ForCausalLM), per layer N (prefix model.layers.N.):
+
+    Hugging Face                              nano (prefix layers.N.)
+    self_attn.q_proj  (no q_lora_rank)        attention.wq           rope rows de-interleaved (*)
+    self_attn.q_a_proj                        attention.wq_a
+    self_attn.q_a_layernorm                   attention.q_norm
+    self_attn.q_b_proj                        attention.wq_b         rope rows de-interleaved (*)
+    self_attn.kv_a_proj_with_mqa              attention.wkv_a        rope rows de-interleaved (*)
+    self_attn.kv_a_layernorm                  attention.kv_norm
+    self_attn.kv_b_proj                       attention.wkv_b
+    self_attn.o_proj                          attention.wo
+    mlp.gate_proj / up_proj / down_proj       feed_forward.w1 / w3 / w2          (dense layers)
+    mlp.gate.weight                           feed_forward.gate.weight           (router)
+    mlp.gate.e_score_correction_bias          feed_forward.gate.expert_bias      (balancing bias)
+    mlp.experts.E.gate_proj / up_proj /       feed_forward.experts.w1 / w3 / w2  stacked over E
+      down_proj  (or the fused experts.gate_up_proj (E, 2H, D) and experts.down_proj)
+    mlp.shared_experts.gate_proj / up_proj /  feed_forward.shared_experts.w1 / w3 / w2
+      down_proj
+
+(*) with rope_interleave (DeepSeek's layout, the default) the qk_rope_head_dim rows of each head rotate
+interleaved pairs (0,1),(2,3)...; nano rotates (i, i + d/2), so those rows are reordered evens-then-odds
+at load. Scores are unchanged: q and k get the same permutation.
+
+MTP modules: DeepSeek-V3 stores them as extra layers model.layers.{num_hidden_layers + k} (transformers'
+DeepseekV3ForCausalLM does not load them). nano maps those found in the checkpoint to mtp.k (and sets
+mtp_depth to their number): enorm, hnorm, eh_proj -> mtp.k.enorm/hnorm/eh_proj; shared_head.norm ->
+mtp.k.norm; the decoder-layer tensors as above under mtp.k.block.; their copies of embed_tokens and
+shared_head.head are dropped (nano's MTP modules share the main embedding and LM head).
 """
 import glob
 import json
@@ -29,9 +58,35 @@ HF_TO_NANO = [
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
+    # DeepSeek-V3: MLA (see the table in the module docstring)
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.weight", r"layers.\1.attention.wq_a.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_layernorm\.weight", r"layers.\1.attention.q_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.weight", r"layers.\1.attention.wq_b.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.weight", r"layers.\1.attention.wkv_a.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_a_layernorm\.weight", r"layers.\1.attention.kv_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight", r"layers.\1.attention.wkv_b.weight"),
+    # DeepSeek-V3: MoE. Per-expert tensors get a temporary ".E" suffix and are stacked by _stack_experts.
+    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", r"layers.\1.feed_forward.gate.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", r"layers.\1.feed_forward.gate.expert_bias"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.gate_proj\.weight",
+     r"layers.\1.feed_forward.shared_experts.w1.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.up_proj\.weight",
+     r"layers.\1.feed_forward.shared_experts.w3.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.down_proj\.weight",
+     r"layers.\1.feed_forward.shared_experts.w2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight", r"layers.\1.feed_forward.experts.w1.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.up_proj\.weight", r"layers.\1.feed_forward.experts.w3.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.weight", r"layers.\1.feed_forward.experts.w2.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj", r"layers.\1.feed_forward.experts.gate_up"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", r"layers.\1.feed_forward.experts.w2"),
 ]
 
-SUPPORTED = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# DeepSeek-V3 MTP layer model.layers.{n_layer + k}: its own parts (the rest is a decoder layer -> mtp.k.block)
+HF_MTP_TO_NANO = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+                  "eh_proj.weight": "eh_proj.weight", "shared_head.norm.weight": "norm.weight"}
+HF_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's: dropped
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def _rope_settings(hf):
@@ -49,11 +104,14 @@ def _rope_settings(hf):
     return theta, {k: params[k] for k in keys}
 
 
-def hf_config(hf):
-    """nano ModelConfig from a Hugging Face config.json dict."""
+def hf_config(hf, mtp_depth=0):
+    """nano ModelConfig from a Hugging Face config.json dict (mtp_depth: DeepSeek-V3 MTP layers present)."""
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         raise ValueError(f"model_type {kind!r} is not supported; nano loads: {', '.join(SUPPORTED)}")
+    if hf.get("quantization_config"):
+        raise ValueError(f"quantized checkpoint ({hf['quantization_config'].get('quant_method', '?')}): nano "
+                         "loads bf16/fp32 weights; dequantize it first (e.g. DeepSeek's fp8_cast_bf16.py)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("attention_bias/mlp_bias=True is not supported (nano's linears have no bias)")
     if hf.get("use_sliding_window"):
@@ -63,6 +121,8 @@ def hf_config(hf):
         raise ValueError(f"hidden_act {act!r} is not supported (nano's MLP is SwiGLU with silu)")
     theta, scaling = _rope_settings(hf)
     n_head = hf["num_attention_heads"]
+    if kind == "deepseek_v3":
+        return _deepseek_config(hf, theta, scaling, mtp_depth)
     return ModelConfig(
         vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
         n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
@@ -70,6 +130,85 @@ def hf_config(hf):
         intermediate_size=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=kind == "qwen3")
+
+
+def _deepseek_config(hf, theta, scaling, mtp_depth):
+    if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ValueError("DeepSeek-V3 routing is scoring_func='sigmoid' with topk_method='noaux_tc'; got "
+                         f"{hf.get('scoring_func')!r}/{hf.get('topk_method')!r}")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+        n_embd=hf["hidden_size"], head_dim=hf["qk_rope_head_dim"], intermediate_size=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=theta, rope_scaling=scaling,
+        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attn="mla", q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"], n_routed_experts=hf.get("n_routed_experts") or 0,
+        n_shared_experts=hf.get("n_shared_experts") or 0, num_experts_per_tok=hf.get("num_experts_per_tok", 8),
+        moe_intermediate_size=hf["moe_intermediate_size"], n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1, routed_scaling_factor=hf.get("routed_scaling_factor", 2.5),
+        first_k_dense_replace=hf.get("first_k_dense_replace", 3), score_func="sigmoid",
+        norm_topk_prob=hf.get("norm_topk_prob", True), mtp_depth=mtp_depth)
+
+
+def _deinterleave_rows(w, n_blocks, start, n):
+    """In each of n_blocks row blocks of w, rows start..start+n from interleaved RoPE pairs
+    (0,1),(2,3)... to nano's halves layout: evens first, then odds."""
+    w = w.reshape(n_blocks, -1, w.shape[-1]).clone()
+    r = w[:, start:start + n]
+    w[:, start:start + n] = torch.cat([r[:, 0::2], r[:, 1::2]], dim=1)
+    return w.reshape(-1, w.shape[-1])
+
+
+def _deepseek_state(state, config, hf):
+    """Stack per-expert tensors, split fused gate_up, and de-interleave the RoPE rows."""
+    out = {}
+    for name, t in state.items():
+        m = re.fullmatch(r"(.*\.experts\.w[123])\.(\d+)", name)
+        if m:
+            out.setdefault(m.group(1), {})[int(m.group(2))] = t
+        elif name.endswith(".experts.gate_up"):
+            w1, w3 = t.chunk(2, dim=1)  # (E, 2H, D): gate rows first, as transformers' chunk(2)
+            out[name[:-len("gate_up")] + "w1"], out[name[:-len("gate_up")] + "w3"] = w1, w3
+        else:
+            out[name] = t
+    for name, v in list(out.items()):
+        if isinstance(v, dict):
+            if sorted(v) != list(range(config.n_routed_experts)):
+                raise ValueError(f"{name}: the checkpoint holds experts {sorted(v)[:8]}..., expected "
+                                 f"0..{config.n_routed_experts - 1}")
+            out[name] = torch.stack([v[e] for e in range(config.n_routed_experts)])
+    if hf.get("rope_interleave", True):
+        nope, rope = config.qk_nope_head_dim, config.qk_rope_head_dim
+        for name in out:
+            if name.endswith(("attention.wq.weight", "attention.wq_b.weight")):
+                out[name] = _deinterleave_rows(out[name], config.n_head, nope, rope)
+            elif name.endswith("attention.wkv_a.weight"):
+                out[name] = _deinterleave_rows(out[name], 1, config.kv_lora_rank, rope)
+    return out
+
+
+def _mtp_layers(names, n_layer):
+    """Indices k of the DeepSeek MTP layers model.layers.{n_layer + k} in a checkpoint."""
+    found = {int(m.group(1)) - n_layer for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))
+             and int(m.group(1)) >= n_layer}
+    if found != set(range(len(found))):
+        raise ValueError(f"MTP layers {sorted(k + n_layer for k in found)} are not consecutive from {n_layer}")
+    return len(found)
+
+
+def _rename_mtp(name, n_layer):
+    """nano name of a DeepSeek MTP-layer tensor; "" for the shared copies to drop; None if not MTP."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.*)", name)
+    if not m or int(m.group(1)) < n_layer:
+        return None
+    k, rest = int(m.group(1)) - n_layer, m.group(2)
+    if rest in HF_MTP_SHARED:
+        return ""
+    if rest in HF_MTP_TO_NANO:
+        return f"mtp.{k}.{HF_MTP_TO_NANO[rest]}"
+    inner = rename(f"model.layers.0.{rest}")
+    return None if inner is None else f"mtp.{k}.block." + inner[len("layers.0."):]
 
 
 def rename(name, table=HF_TO_NANO):
@@ -113,15 +252,26 @@ def load_hf(path, *, dtype=torch.float32, device="cpu"):
                                 "with config.json and *.safetensors")
     with open(cfg_path) as f:
         hf = json.load(f)
-    config = hf_config(hf)
+    hf_config(hf)  # fail on an unsupported model before reading gigabytes of weights
+    tensors = _load_safetensors(path)
+    deepseek = hf["model_type"] == "deepseek_v3"
+    n_layer = hf["num_hidden_layers"]
+    config = hf_config(hf, mtp_depth=_mtp_layers(tensors, n_layer) if deepseek else 0)
     state = {}
-    for name, tensor in _load_safetensors(path).items():
-        new = rename(name)
+    for name, tensor in tensors.items():
+        if name.endswith("weight_scale_inv"):
+            raise ValueError(f"{name}: an FP8 checkpoint; dequantize it to bf16 first (DeepSeek's fp8_cast_bf16.py)")
+        new = _rename_mtp(name, n_layer) if deepseek else None
+        if new == "":
+            continue
+        new = new or rename(name)
         if new is None:
             if "rotary_emb" in name:  # some exports store RoPE tables; nano recomputes them
                 continue
             raise ValueError(f"unexpected tensor {name!r} in {path}: not a {SUPPORTED[hf['model_type']]}?")
         state[new] = tensor
+    if deepseek:
+        state = _deepseek_state(state, config, hf)
     return _build(config, state, dtype, device)
 
 

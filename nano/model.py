@@ -1,9 +1,13 @@
-"""The model: a LLaMA-3-style decoder (RMSNorm, RoPE, GQA attention, SwiGLU), read top to bottom.
+"""The model: a LLaMA-3-style decoder (RMSNorm, RoPE, GQA attention, SwiGLU), read top to bottom, with
+DeepSeek-V3's parts as options: MLA attention (attn="mla"), mixture-of-experts feed-forward layers
+(n_routed_experts > 0, in nano/moe.py) and multi-token prediction modules (mtp_depth > 0).
 
 Parameter names follow Meta's Llama-3 `model.py` (tok_embeddings, layers.N.attention.wq, ...,
 feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm, output), so loading Meta checkpoints needs no
-table and Hugging Face checkpoints need a short one (nano/convert.py). RoPE uses the "rotate half"
-layout of Hugging Face checkpoints; convert.py permutes Meta's interleaved q/k weights into it.
+table and Hugging Face checkpoints need a short one (nano/convert.py). The DeepSeek parts take the names
+of DeepSeek's own inference code (attention.wq_a/q_norm/wq_b/wkv_a/kv_norm/wkv_b, feed_forward.gate,
+.experts, .shared_experts) plus mtp.K.enorm/hnorm/eh_proj/block/norm. RoPE uses the "rotate half"
+layout of Hugging Face checkpoints; convert.py permutes interleaved (Meta, DeepSeek) q/k weights into it.
 """
 import math
 
@@ -14,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from nano.config import ModelConfig
+from nano.moe import MoE, all_reduce_loads
 
 
 class RMSNorm(nn.Module):
@@ -154,6 +159,90 @@ def attend(q, k, v, cu_seqlens, max_seqlen, impl, softmax_scale=None):
     return y.view(B, T, *y.shape[1:])
 
 
+class LatentCache(nn.Module):
+    """MLA's decode cache: per token only the normalised KV latent c (kv_lora_rank) and the RoPE key
+    (qk_rope_head_dim), both shared by all heads, in one (B, 1, max_len, r + d_rope) buffer. Read whole,
+    it is the key of a single-head attention; its first r channels are the value. Same position rules
+    as KVCache (per-row positions, stale entries masked)."""
+
+    def __init__(self, batch_size, max_len, dim, dtype, device):
+        super().__init__()
+        self.register_buffer("kv", torch.zeros(batch_size, 1, max_len, dim, dtype=dtype, device=device),
+                             persistent=False)
+
+    def update(self, pos, kv):
+        """pos (B, T); kv (B, T, r + d_rope). Returns the whole cache."""
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+        self.kv[rows, 0, pos] = kv.to(self.kv.dtype)
+        return self.kv
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, section 2.1; used by DeepSeek-V3).
+
+    Keys and values of all heads are up-projected (wkv_b) from one small latent c = kv_norm(W_DKV x)
+    per token; RoPE would not commute with that up-projection, so position goes through a separate
+    qk_rope_head_dim key k_pe shared by all heads, and each head's query/key is [nope part, rope part].
+    The query is low-rank too when q_lora_rank > 0 (wq_a -> q_norm -> wq_b), else one wq.
+
+    Training and prefill expand per-head K (Dqk = nope + rope) and V (Dv = v_head_dim) and call the
+    attention kernel. Decoding caches only [c, k_pe] and uses the absorbed form (DeepSeek-V2, appendix
+    C): q_nope . (W_UK c) = (W_UK^T q_nope) . c, so W_UK is folded into the query and the heads attend
+    to the latent itself, as one shared key [c, k_pe] and value c (MQA with Dqk = r + rope, Dv = r);
+    W_UV is applied to the attention output. No per-head K/V is ever built for the cached tokens.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.impl = config.n_head, config.attn_impl
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.rank, self.q_lora = config.kv_lora_rank, config.q_lora_rank
+        qk_dim = self.nope + self.rope
+        self.scale = qk_dim ** -0.5
+        H, D = self.n_head, config.n_embd
+        # the latent norms use eps 1e-6 whatever norm_eps is, as DeepSeek's code and checkpoints do
+        if config.q_lora_rank:
+            self.wq_a = nn.Linear(D, config.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(config.q_lora_rank, 1e-6)
+            self.wq_b = nn.Linear(config.q_lora_rank, H * qk_dim, bias=False)
+        else:
+            self.wq = nn.Linear(D, H * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(D, self.rank + self.rope, bias=False)  # -> [c, k_pe]
+        self.kv_norm = RMSNorm(self.rank, 1e-6)
+        self.wkv_b = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # c -> [k_nope, v] per head
+        self.wo = nn.Linear(H * self.v_dim, D, bias=False)
+        self.cache = None  # a LatentCache while decoding (Transformer.setup_cache)
+
+    def setup_cache(self, batch_size, max_len, dtype, device):
+        self.cache = LatentCache(batch_size, max_len, self.rank + self.rope, dtype, device)
+
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None):
+        B, T, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora else self.wq(x)
+        q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, *rope)
+        c, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
+        c = self.kv_norm(c)  # (B, T, r)
+        k_pe = apply_rope(k_pe[:, :, None], *rope)  # (B, T, 1, rope): one RoPE key for all heads
+        if pos is not None:
+            y = self._absorbed(q_nope, q_pe, torch.cat([c, k_pe[:, :, 0]], dim=-1), pos)
+        else:
+            k_nope, v = self.wkv_b(c).view(B, T, self.n_head, -1).split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.expand(B, T, self.n_head, self.rope)], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            y = attend(q, k, v, cu_seqlens, max_seqlen, self.impl, softmax_scale=self.scale)  # (B, T, H, Dv)
+        return self.wo(y.reshape(B, T, -1))
+
+    def _absorbed(self, q_nope, q_pe, latent, pos):
+        """Decode over the latent cache: q (B, T, H, .), latent [c, k_pe] (B, T, r + rope) -> (B, T, H, Dv)."""
+        w = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # (H, nope, r), (H, Dv, r)
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UK folded into the query
+        kv = self.cache.update(pos, latent)  # (B, 1, L, r + rope)
+        y = cached_attention(torch.cat([q_lat, q_pe], dim=-1), kv, kv[..., :self.rank], pos, self.scale)
+        return torch.einsum("bthr,hvr->bthv", y, w_uv)  # W_UV after attention
+
+
 # -----------------------------------------------------------------------------
 # Feed-forward
 
@@ -185,9 +274,15 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         self.attention_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = MLA(config) if config.attn == "mla" else Attention(config)
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.feed_forward = MLP(config.n_embd, config.intermediate_size)
+        if config.n_routed_experts and layer_id >= config.first_k_dense_replace:
+            shared = None
+            if config.n_shared_experts:  # DeepSeek-V3 runs its shared experts as one wider MLP
+                shared = MLP(config.n_embd, config.moe_intermediate_size * config.n_shared_experts)
+            self.feed_forward = MoE(config, shared)
+        else:
+            self.feed_forward = MLP(config.n_embd, config.intermediate_size)
         self.grad_ckpt = "none"  # set by Transformer.set_grad_ckpt
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None):
@@ -208,6 +303,37 @@ class Block(nn.Module):
         return norm(x)
 
 
+class MTP(nn.Module):
+    """DeepSeek-V3 multi-token prediction module k (arXiv 2412.19437, section 2.2). From the hidden state
+    h_{k-1} at position t (module k-1's output; the main model's final-norm hidden state for k = 1) and
+    the embedding of token t+k, it predicts token t+k+1:
+
+        h_k = norm(block(eh_proj([enorm(emb(x_{t+k})), hnorm(h_{k-1})])))    logits = output(h_k)
+
+    The embedding and the LM head are the main model's; the two input norms, the projection, the block
+    and the final norm are the module's own. The layout (embedding first in the concatenation, a final
+    norm per module: `shared_head.norm` in DeepSeek's checkpoints) is that of DeepSeek-V3's released
+    weights and of transformers' MtpLayer.
+    """
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.enorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.hnorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
+        self.block = Block(config, layer_id)  # layer_id >= n_layer: a MoE block when the model has experts
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+
+    def forward(self, h, emb, rope, cu_seqlens=None, max_seqlen=None, pos=None):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.norm(self.block(x, rope, cu_seqlens, max_seqlen, pos))
+
+
+def _shift_left(t, k, fill):
+    """t (B, T) -> t[:, k:] padded back to T columns with `fill`."""
+    return torch.cat([t[:, k:], t.new_full((t.shape[0], min(k, t.shape[1])), fill)], dim=1)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -218,22 +344,30 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # run only by the loss (targets given) and by mtp_draft: plain decoding never touches them
+        self.mtp = nn.ModuleList(MTP(config, config.n_layer + k) for k in range(config.mtp_depth))
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self.loss_terms = {}  # detached parts of the last loss: "lm", and "mtp" / "balance" when on
         self.init_weights()
 
     def _inv_freq(self):
-        return rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        c = self.config
+        dim = c.qk_rope_head_dim if c.attn == "mla" else c.head_dim
+        return rope_inv_freq(dim, c.rope_theta, c.rope_scaling)
 
     @torch.no_grad()
     def init_weights(self):
         """Initialise every tensor (also after building on the meta device and `to_empty`).
 
         - tok_embeddings, and output when untied: normal(0, 0.02) (GPT-2).
-        - every Linear: normal(0, 0.02); the projections that write into the residual stream
-          (attention.wo, feed_forward.w2) use 0.02 / sqrt(2 * n_layer), so the residual's variance
-          does not grow with depth (GPT-2, section 2.3).
-        - RMSNorm weights: 1.
-        - inv_freq (RoPE buffer): recomputed from the config.
+        - every Linear: normal(0, 0.02) (attention wq/wk/wv, MLA wq or wq_a/wq_b, wkv_a, wkv_b, MLP and
+          shared-expert w1/w3, MTP eh_proj); the projections that write into the residual stream
+          (attention.wo, feed_forward.w2, shared_experts.w2) use 0.02 / sqrt(2 * n_layer), so the
+          residual's variance does not grow with depth (GPT-2, section 2.3).
+        - MoE: router gate.weight normal(0, 0.02), gate.expert_bias 0; routed experts.w1/w3
+          normal(0, 0.02), experts.w2 0.02 / sqrt(2 * n_layer) (a residual write, as above).
+        - RMSNorm weights (incl. MLA q_norm/kv_norm and MTP enorm/hnorm/norm): 1.
+        - buffers: inv_freq (RoPE) recomputed from the config; MoE load counters 0.
         """
         std, resid_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, m in self.named_modules():
@@ -241,28 +375,48 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, 0.0, resid_std if name.endswith(("wo", "w2")) else std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+            elif isinstance(m, MoE):
+                nn.init.normal_(m.gate.weight, 0.0, std)
+                nn.init.normal_(m.experts.w1, 0.0, std)
+                nn.init.normal_(m.experts.w3, 0.0, std)
+                nn.init.normal_(m.experts.w2, 0.0, resid_std)
+                for t in (m.gate.expert_bias, m.load, m.used_load):
+                    t.zero_()
         self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
 
     def set_grad_ckpt(self, mode):
         """Gradient checkpointing: "none", "full" (recompute each block in the backward, keep only
-        block inputs) or "selective" (recompute norms and the SwiGLU activation, keep matmul outputs)."""
-        for layer in self.layers:
-            layer.grad_ckpt = mode
-            if hasattr(layer.feed_forward, "recompute_act"):
-                layer.feed_forward.recompute_act = mode == "selective"
+        block inputs) or "selective" (recompute norms and the SwiGLU activations, keep matmul outputs).
+        Applies to the MTP modules' blocks too."""
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.grad_ckpt = mode
+            if hasattr(m, "recompute_act"):  # MLP, routed experts
+                m.recompute_act = mode == "selective"
+
+    def _blocks(self):
+        return list(self.layers) + [m.block for m in self.mtp]
 
     # ---- decoding state
 
     def setup_cache(self, batch_size, max_len=None, dtype=None, device=None):
-        """Allocate a KV cache in every attention layer; forward then takes `start_pos`."""
+        """Allocate a KV cache in every attention layer (the MTP modules' too, for mtp_draft); forward
+        then takes `start_pos`."""
         p = self.output.weight
-        for layer in self.layers:
-            layer.attention.setup_cache(batch_size, max_len or self.config.max_seq_len, dtype or p.dtype,
+        for block in self._blocks():
+            block.attention.setup_cache(batch_size, max_len or self.config.max_seq_len, dtype or p.dtype,
                                         device or p.device)
 
     def clear_cache(self):
-        for layer in self.layers:
-            layer.attention.cache = None
+        for block in self._blocks():
+            block.attention.cache = None
+
+    def kv_cache_bytes_per_token(self, dtype=torch.bfloat16):
+        """Decode-cache bytes per token over the main layers: 2 * n_kv_head * head_dim numbers per layer
+        for GQA, kv_lora_rank + qk_rope_head_dim for MLA (the latent and the shared RoPE key)."""
+        c = self.config
+        per_layer = c.kv_lora_rank + c.qk_rope_head_dim if c.attn == "mla" else 2 * c.n_kv_head * c.head_dim
+        return c.n_layer * per_layer * torch.empty((), dtype=dtype).element_size()
 
     # ---- forward
 
@@ -273,11 +427,35 @@ class Transformer(nn.Module):
             across a boundary and RoPE positions restart at each one.
         start_pos: with a KV cache (setup_cache), the position of idx[:, 0] in each row: an int or a
             (B,) tensor (rows may be at different lengths).
+        With targets, loss = cross-entropy + mtp_weight * mean of the MTP modules' cross-entropies (when
+        mtp_depth > 0) + the MoE balance losses (when aux_loss_alpha > 0); on CUDA with fused_ce the
+        logits are None (see lm_loss). In training mode, each forward adds the tokens every MoE layer
+        routed to each expert to the counters that update_moe_bias() consumes.
         """
-        h = self.hidden_states(idx, cu_seqlens=cu_seqlens, start_pos=start_pos)
+        ctx = self._context(idx, cu_seqlens, start_pos)
+        moe = [m for _, m in self._moe()]
+        for m in moe:
+            m.last_load = m.aux_loss = None
+        h = self._trunk(idx, ctx)
         if targets is None:
-            return self.output(h), None
-        return self.lm_loss(h, targets)
+            logits, loss = self.output(h), None
+        else:
+            logits, loss = self.lm_loss(h, targets)
+            self.loss_terms = {"lm": loss.detach()}
+            if len(self.mtp):
+                mtp_loss = self._mtp_loss(h, idx, targets, ctx)
+                self.loss_terms["mtp"] = mtp_loss.detach()
+                loss = loss + self.config.mtp_weight * mtp_loss
+            aux = [m.aux_loss for m in moe if m.aux_loss is not None]
+            if aux:
+                balance = torch.stack(aux).sum()
+                self.loss_terms["balance"] = balance.detach()
+                loss = loss + balance
+        if self.training:
+            for m in moe:
+                if m.last_load is not None:
+                    m.load += m.last_load
+        return logits, loss
 
     def lm_loss(self, h, targets):
         """(logits or None, mean cross-entropy) of hidden states h (B, T, D) against targets (B, T);
@@ -290,7 +468,12 @@ class Transformer(nn.Module):
         return logits, loss
 
     def hidden_states(self, idx, *, cu_seqlens=None, start_pos=None):
-        """The final-norm hidden states (B, T, n_embd) that the LM head reads."""
+        """The final-norm hidden states (B, T, n_embd) that the LM head (and MTP module 1) reads."""
+        return self._trunk(idx, self._context(idx, cu_seqlens, start_pos))
+
+    def _context(self, idx, cu_seqlens, start_pos):
+        """What every block of one forward shares: (rope cos/sin, cu_seqlens, max_seqlen, pos), pos being
+        the (B, T) positions when decoding with a cache, else None."""
         B, T = idx.shape
         pos, max_seqlen = None, None
         if start_pos is not None:
@@ -302,11 +485,99 @@ class Transformer(nn.Module):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         else:
             positions = torch.arange(T, device=idx.device).expand(B, T)
-        rope = rope_cos_sin(positions, self.inv_freq)
+        return rope_cos_sin(positions, self.inv_freq), cu_seqlens, max_seqlen, pos
+
+    def _trunk(self, idx, ctx):
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, rope, cu_seqlens, max_seqlen, pos)
+            x = layer(x, *ctx)
         return self.norm(x)
+
+    # ---- multi-token prediction
+
+    def _mtp_loss(self, h, idx, targets, ctx):
+        """Mean over k = 1..mtp_depth of module k's cross-entropy. At position t module k reads token
+        t+k and is scored on token t+k+1, i.e. on targets[t+k]. That target counts only if the chain
+        stays inside one document of the row: targets[t..t+k] are all kept (not -100; packed loaders
+        put -100 where a document ends) and, with cu_seqlens, tokens t and t+k+1 are in one document.
+        Positions past the end of the row read token 0 and have no target; causal attention keeps
+        them from influencing any position that has one."""
+        B, T = idx.shape
+        cu_seqlens = ctx[1]
+        kept = targets != -100
+        ok, doc = kept, None
+        if cu_seqlens is not None:
+            flat = torch.arange(B * T, device=idx.device)
+            doc = torch.searchsorted(cu_seqlens.to(torch.int64), flat, right=True).view(B, T)
+        losses = []
+        for k, module in enumerate(self.mtp, 1):
+            ok = ok & _shift_left(kept, k, False)
+            if doc is not None:
+                ok = ok & (_shift_left(doc, k + 1, -1) == doc)  # the target is token t+k+1
+            h = module(h, self.tok_embeddings(_shift_left(idx, k, 0)), *ctx)
+            if ok.any():  # host sync; without it a row of one-token documents could make a NaN mean
+                losses.append(self.lm_loss(h, _shift_left(targets, k, -100).masked_fill(~ok, -100))[1])
+        return torch.stack(losses).mean() if losses else h.sum() * 0.0
+
+    def mtp_draft(self, h, tokens, *, start_pos=None, depth=1):
+        """Draft logits from MTP module `depth`, for speculative decoding: (logits (B, T, V), h_depth).
+
+        h (B, T, D): hidden states at positions p..p+T-1: for depth 1 the main model's
+            `hidden_states()` (final norm applied), for depth k > 1 the h_{k-1} returned by the call
+            for depth k-1 at the same positions.
+        tokens (B, T): for each of those positions q, the token at q + depth.
+        logits[:, j] is module `depth`'s distribution for the token at position p + j + depth + 1.
+
+        With start_pos (an int or (B,) tensor, = p), the module's block uses its own KV cache, allocated
+        by setup_cache() beside the main layers' (same rules: per-row positions, a query at position q
+        sees entries 0..q, rolling back = calling again from an earlier position), so each call needs
+        only the new positions. Without start_pos the module recomputes: it attends over the T given
+        positions only, which must then be the whole prefix from position 0.
+
+        Typical step after the main model has consumed tokens x_0..x_n (hidden states h_0..h_n) and
+        x_{n+1} was sampled: `logits, h1 = model.mtp_draft(h[:, -m:], x[:, n+1-m+1 : n+2], start_pos=n-m+1)`
+        for the m positions not yet fed to the module; logits[:, -1] drafts x_{n+2}. Depth 2 then takes
+        (h1, the tokens one further, including the depth-1 draft) and drafts x_{n+3}, and so on.
+        """
+        if not 1 <= depth <= len(self.mtp):
+            raise ValueError(f"depth must be in 1..{len(self.mtp)} (the model's mtp_depth), got {depth}")
+        module = self.mtp[depth - 1]
+        if start_pos is not None and module.block.attention.cache is None:
+            raise ValueError("mtp_draft with start_pos needs a cache: call model.setup_cache(...) first")
+        h = module(h, self.tok_embeddings(tokens), *self._context(tokens, None, start_pos))
+        return self.output(h), h
+
+    # ---- MoE load balancing (train.py calls these; no-ops for dense models)
+
+    def _moe(self):
+        """(name, MoE module) of every MoE layer, the MTP modules' included."""
+        named = [(f"layer{i}", b.feed_forward) for i, b in enumerate(self.layers)]
+        named += [(f"mtp{k}", m.block.feed_forward) for k, m in enumerate(self.mtp)]
+        return [(n, m) for n, m in named if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def update_moe_bias(self):
+        """After each optimizer step: move every MoE layer's selection bias by the sign rule, using the
+        expert loads counted by the training forwards since the last call (summed over all ranks under
+        torch.distributed, so the replicas stay identical)."""
+        moe = [m for _, m in self._moe()]
+        for m, load in zip(moe, all_reduce_loads([m.load for m in moe])):
+            m.update_bias(load)
+
+    def moe_stats(self):
+        """Expert load balance for logging: {"moe/max_load", "moe/min_load"} over all MoE layers and
+        "moe/max_load/<layer>" per layer, each as load / mean load (1.0 = even). The loads are those
+        counted since the last update_moe_bias(), or the ones it used when called right after it.
+        Routing is dropless: no token is ever dropped. Empty for dense models."""
+        stats, lo = {}, []
+        for name, m in self._moe():
+            s = m.stats()
+            stats[f"moe/max_load/{name}"] = s["max_load"]
+            lo.append(s["min_load"])
+        if lo:
+            stats["moe/max_load"] = max(v for k, v in stats.items() if k.startswith("moe/max_load/"))
+            stats["moe/min_load"] = min(lo)
+        return stats
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())
