@@ -18,6 +18,15 @@ from nano.generate import _speculative, generate, logits_to_probs, speculative_g
 from nano.model import Transformer
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # these models are tiny: one thread is as fast, and does not stall when other processes hold the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(seed, scale=1.0, **kw):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=128, tie_embeddings=False)
@@ -71,6 +80,70 @@ def test_greedy_equals_plain_greedy(kind, k):
     assert 1.0 <= stats["tokens_per_step"] <= k + 1
 
 
+MLA = dict(attn="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+MOE = dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+           first_k_dense_replace=1)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_mla_moe_target_rolls_back_its_latent_cache(k):
+    target = _model(0, scale=10.0, **MLA, **MOE)
+    prompt = torch.randint(0, 61, (3, 4), generator=torch.Generator().manual_seed(k))
+    want = generate(target, prompt, 30, temperature=0)
+    for draft in (_noisy_copy(target, 0.06, seed=3), copy.deepcopy(target)):
+        got, stats = speculative_generate(target, prompt, 30, draft=draft, k=k, temperature=0)
+        assert torch.equal(got, want)
+    assert stats["acceptance_rate"] == 1.0  # the copy
+
+
+@pytest.mark.parametrize("depth,k,kw", [(1, 1, {}), (2, 2, {}), (3, 2, MLA), (2, 4, {**MLA, **MOE})])
+def test_greedy_mtp_equals_plain_greedy(depth, k, kw):
+    target = _model(0, scale=10.0, mtp_depth=depth, **kw)
+    prompt = torch.randint(0, 61, (3, 4), generator=torch.Generator().manual_seed(depth))
+    want = generate(target, prompt, 30, temperature=0)
+    got, stats = speculative_generate(target, prompt, 30, draft="mtp", k=k, temperature=0)
+    assert torch.equal(got, want)
+    assert len(stats["accepted_at"]) == min(k, depth)  # k is capped at mtp_depth
+    got, _ = speculative_generate(target, prompt, 30, k=k, temperature=0)  # draft=None means "mtp" here
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kw", [{}, {**MLA, **MOE}])
+def test_mtp_drafts_equal_recomputation_from_scratch(kw, monkeypatch):
+    """The MTP proposer keeps its modules' caches and hidden states across steps in which rows accept
+    different numbers of tokens. Each step's draft distributions must equal those of the chain computed
+    from scratch (no cache) on the tokens known at that step. Random MTP modules are rarely right, so an
+    acceptance rule that accepts at random makes the rows advance by different amounts."""
+    import nano.generate as G
+    depth, k = 3, 3
+    target = _model(0, scale=10.0, mtp_depth=depth, **kw)
+    steps, propose = [], G._MTPDraft.propose
+
+    def recording(self, out, pos, k, to_probs, gen):
+        d, q = propose(self, out, pos, k, to_probs, gen)
+        steps.append((out.clone(), pos.clone(), d, q))
+        return d, q
+
+    monkeypatch.setattr(G._MTPDraft, "propose", recording)
+    prompt = torch.randint(0, 61, (3, 4), generator=torch.Generator().manual_seed(0))
+    coin = lambda p_x, q_x: torch.full_like(p_x, 0.6)  # noqa: E731
+    _speculative(target, prompt, 25, "mtp", k, 1.0, None, None, 0, coin)
+    advanced = set()
+    with torch.no_grad():
+        for out, pos, d, q in steps:
+            for b in range(3):
+                n = int(pos[b])  # the last token's position; tokens after it: this step's drafts
+                seq = torch.cat([out[b, :n + 1], d[b, :k - 1]])[None]
+                h = target.hidden_states(seq[:, :n + 1])  # recomputed, no cache
+                for depth_i in range(1, k + 1):
+                    logits, h = target.mtp_draft(h[:, :n], seq[:, depth_i:n + depth_i], depth=depth_i)
+                    want = logits_to_probs(logits[0, -1], 1.0)
+                    assert torch.allclose(q[b, depth_i - 1], want, atol=1e-9), (n, depth_i)
+        for (_, p0, _, _), (_, p1, _, _) in zip(steps, steps[1:]):
+            advanced.update((p1 - p0).tolist())
+    assert {1, 2, 3, 4} <= advanced  # rows advanced by every possible amount (0..k accepted, + 1)
+
+
 def test_greedy_rows_of_different_lengths_and_short_outputs():
     # rows accept different numbers of tokens per step; outputs shorter than one step; one new token
     prompt = torch.randint(0, 61, (4, 3), generator=torch.Generator().manual_seed(0))
@@ -101,6 +174,7 @@ V, N_NEW, N_SAMPLES = 6, 3, 20000
 SMALL = dict(vocab_size=V, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=32)
 SMALL_TARGET = _model(0, scale=10.0, **SMALL)
 SMALL_DRAFT = _model(1, scale=10.0, **SMALL)  # total variation ~0.4 from the target per token
+SMALL_MTP = _model(2, scale=10.0, mtp_depth=2, **SMALL)  # drafts with its own (random) MTP modules
 PROMPT = torch.tensor([[1, 4, 2]])
 
 
@@ -135,11 +209,11 @@ def chi2_pvalue(tokens, joint):
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), chi2 / 2))
 
 
-def _sampled(temperature, top_k, top_p, k, accept=None, draft=SMALL_DRAFT, seed=0):
+def _sampled(temperature, top_k, top_p, k, accept=None, draft=SMALL_DRAFT, seed=0, target=SMALL_TARGET):
     """N_SAMPLES independent runs at once: every batch row draws its own random numbers."""
     from nano.generate import _accept_prob
     prompt = PROMPT.expand(N_SAMPLES, -1)
-    out, stats = _speculative(SMALL_TARGET, prompt, N_NEW, draft, k, temperature, top_k, top_p, seed,
+    out, stats = _speculative(target, prompt, N_NEW, draft, k, temperature, top_k, top_p, seed,
                               accept or _accept_prob)
     return out[:, PROMPT.shape[1]:], stats
 
@@ -156,6 +230,17 @@ def test_sampling_matches_target_distribution(temperature, top_k, top_p, k):
     assert 0.2 < stats["acceptance_rate"] < 0.95  # both acceptances and rejections happened
     joint = exact_joint(SMALL_TARGET, PROMPT, N_NEW, temperature, top_k, top_p)
     assert chi2_pvalue(tokens, joint) > P_VALUE
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.9, 4, 0.9)])
+def test_mtp_sampling_matches_target_distribution(temperature, top_k, top_p):
+    tokens, stats = _sampled(temperature, top_k, top_p, 2, draft="mtp", target=SMALL_MTP)
+    assert 0.2 < stats["acceptance_rate"] < 0.95
+    joint = exact_joint(SMALL_MTP, PROMPT, N_NEW, temperature, top_k, top_p)
+    assert chi2_pvalue(tokens, joint) > P_VALUE
+    tokens, _ = _sampled(temperature, top_k, top_p, 2, draft="mtp", target=SMALL_MTP,
+                         accept=lambda p_x, q_x: torch.ones_like(p_x))  # the MTP modules' own distribution
+    assert chi2_pvalue(tokens, joint) < 1e-30
 
 
 def test_wrong_acceptance_rules_fail_the_check():
