@@ -144,7 +144,8 @@ def _deepseek_config(hf, theta, scaling, mtp_depth):
         attn="mla", q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
         qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
         v_head_dim=hf["v_head_dim"], n_routed_experts=hf.get("n_routed_experts") or 0,
-        n_shared_experts=hf.get("n_shared_experts") or 0, num_experts_per_tok=hf.get("num_experts_per_tok", 8),
+        n_shared_experts=hf.get("n_shared_experts") or 0,
+        num_experts_per_tok=hf.get("num_experts_per_tok", 8),
         moe_intermediate_size=hf["moe_intermediate_size"], n_group=hf.get("n_group") or 1,
         topk_group=hf.get("topk_group") or 1, routed_scaling_factor=hf.get("routed_scaling_factor", 2.5),
         first_k_dense_replace=hf.get("first_k_dense_replace", 3), score_func="sigmoid",
@@ -193,7 +194,8 @@ def _mtp_layers(names, n_layer):
     found = {int(m.group(1)) - n_layer for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))
              and int(m.group(1)) >= n_layer}
     if found != set(range(len(found))):
-        raise ValueError(f"MTP layers {sorted(k + n_layer for k in found)} are not consecutive from {n_layer}")
+        raise ValueError(f"MTP layers {sorted(k + n_layer for k in found)} are not consecutive from "
+                         f"{n_layer}")
     return len(found)
 
 
@@ -260,7 +262,8 @@ def load_hf(path, *, dtype=torch.float32, device="cpu"):
     state = {}
     for name, tensor in tensors.items():
         if name.endswith("weight_scale_inv"):
-            raise ValueError(f"{name}: an FP8 checkpoint; dequantize it to bf16 first (DeepSeek's fp8_cast_bf16.py)")
+            raise ValueError(f"{name}: an FP8 checkpoint; dequantize it to bf16 first "
+                             "(DeepSeek's fp8_cast_bf16.py)")
         new = _rename_mtp(name, n_layer) if deepseek else None
         if new == "":
             continue

@@ -209,7 +209,7 @@ class MLA(nn.Module):
             self.wq = nn.Linear(D, H * qk_dim, bias=False)
         self.wkv_a = nn.Linear(D, self.rank + self.rope, bias=False)  # -> [c, k_pe]
         self.kv_norm = RMSNorm(self.rank, 1e-6)
-        self.wkv_b = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # c -> [k_nope, v] per head
+        self.wkv_b = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # c -> [k_nope, v] / head
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
         self.cache = None  # a LatentCache while decoding (Transformer.setup_cache)
 
@@ -234,7 +234,8 @@ class MLA(nn.Module):
         return self.wo(y.reshape(B, T, -1))
 
     def _absorbed(self, q_nope, q_pe, latent, pos):
-        """Decode over the latent cache: q (B, T, H, .), latent [c, k_pe] (B, T, r + rope) -> (B, T, H, Dv)."""
+        """Decode over the latent cache: q parts (B, T, H, .), latent [c, k_pe] (B, T, r + rope)
+        -> (B, T, H, Dv)."""
         w = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # (H, nope, r), (H, Dv, r)
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UK folded into the query
@@ -534,10 +535,12 @@ class Transformer(nn.Module):
         only the new positions. Without start_pos the module recomputes: it attends over the T given
         positions only, which must then be the whole prefix from position 0.
 
-        Typical step after the main model has consumed tokens x_0..x_n (hidden states h_0..h_n) and
-        x_{n+1} was sampled: `logits, h1 = model.mtp_draft(h[:, -m:], x[:, n+1-m+1 : n+2], start_pos=n-m+1)`
-        for the m positions not yet fed to the module; logits[:, -1] drafts x_{n+2}. Depth 2 then takes
-        (h1, the tokens one further, including the depth-1 draft) and drafts x_{n+3}, and so on.
+        Example: the main model has read x_0..x_n (h = its hidden states there) and sampled x_{n+1}.
+        Module 1 at position n reads h_n and x_{n+1}: `logits, h1 = model.mtp_draft(h[:, n:n+1],
+        x[:, n+1:n+2], start_pos=n)` (with the cache, positions before n must have been fed earlier),
+        and logits[:, -1] drafts x_{n+2}. Module 2 at position n reads h1 and that draft, and drafts
+        x_{n+3}. A module's entry at position t depends on the tokens up to t + depth: after a rejection,
+        feed it again from the first position whose tokens changed.
         """
         if not 1 <= depth <= len(self.mtp):
             raise ValueError(f"depth must be in 1..{len(self.mtp)} (the model's mtp_depth), got {depth}")

@@ -41,7 +41,8 @@ class Gate(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.top_k = config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
         self.score_func, self.norm_topk_prob = config.score_func, config.norm_topk_prob
         self.scale = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.n_embd))
@@ -93,7 +94,8 @@ def _sort_by_expert(idx, n_experts):
 def count_tokens(idx, n_experts):
     """Rows per expert. Not torch.bincount: on CUDA it reads the max id back to the host (a sync)."""
     flat = idx.reshape(-1)
-    return torch.zeros(n_experts, dtype=torch.int64, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=idx.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))
 
 
 def moe_grouped(x, weights, idx, w1, w2, w3, act):
@@ -165,7 +167,8 @@ class MoE(nn.Module):
         self.experts = Experts(config.n_routed_experts, config.n_embd, config.moe_intermediate_size,
                                config.moe_impl)
         self.shared_experts = shared_experts  # an MLP of width moe_intermediate_size * n_shared_experts
-        self.k, self.alpha, self.gamma = config.num_experts_per_tok, config.aux_loss_alpha, config.bias_update_rate
+        self.k, self.alpha = config.num_experts_per_tok, config.aux_loss_alpha
+        self.gamma = config.bias_update_rate
         # tokens routed to each expert since the last update_bias (training forwards only), and the
         # load that the last update_bias used (for logging after the update)
         self.register_buffer("load", torch.zeros(config.n_routed_experts), persistent=False)

@@ -162,7 +162,8 @@ def test_load_hf_deepseek_errors(tmp_path):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     cfg = json.loads((tmp_path / "config.json").read_text())
     for change, match in [({"quantization_config": {"quant_method": "fp8"}}, "dequantize"),
-                          ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn")]:
+                          ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+                           "yarn")]:
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ValueError, match=match):
             load_hf(str(tmp_path))
@@ -188,7 +189,8 @@ def test_mla_absorbed_decode_equals_expanded():
             full = mla(x, rope)
             mla.setup_cache(B, 16, torch.float64, "cpu")
             parts = [mla(x[:, :5], [r[:, :5] for r in rope], pos=pos[:, :5])]
-            parts += [mla(x[:, t:t + 1], [r[:, t:t + 1] for r in rope], pos=pos[:, t:t + 1]) for t in range(5, T)]
+            parts += [mla(x[:, t:t + 1], [r[:, t:t + 1] for r in rope], pos=pos[:, t:t + 1])
+                      for t in range(5, T)]
         assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-10
         # the cache holds only the latent and the RoPE key: r + d_rope numbers per token
         assert mla.cache.kv.shape == (B, 1, 16, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
@@ -306,7 +308,8 @@ def test_dispatch_equals_loop(impl, monkeypatch):
         if not hasattr(torch, "_grouped_mm"):
             pytest.skip("this torch has no torch._grouped_mm")
         try:
-            torch._grouped_mm(torch.ones(4, 8), torch.ones(2, 8, 4), offs=torch.tensor([1, 4], dtype=torch.int32))
+            offs = torch.tensor([1, 4], dtype=torch.int32)
+            torch._grouped_mm(torch.ones(4, 8), torch.ones(2, 8, 4), offs=offs)
         except (RuntimeError, NotImplementedError) as e:
             pytest.skip(f"torch._grouped_mm does not run on CPU in this torch: {e}")
     torch.manual_seed(0)
@@ -499,7 +502,7 @@ def test_mtp_draft_cache_equals_recompute():
         ref2, _ = model.mtp_draft(ref_h1, idx[:, 2:T + 2], depth=2)
         model.setup_cache(B, 20)
         l1a, h1a = model.mtp_draft(h[:, :9], idx[:, 1:10], start_pos=0, depth=1)
-        model.mtp_draft(h[:, 9:11], torch.randint(0, 67, (B, 2)), start_pos=9, depth=1)  # junk, then rolled back
+        model.mtp_draft(h[:, 9:11], torch.randint(0, 67, (B, 2)), start_pos=9, depth=1)  # junk: rolled back
         l1b, h1b = model.mtp_draft(h[:, 9:], idx[:, 10:T + 1], start_pos=9, depth=1)
         h1 = torch.cat([h1a, h1b], 1)
         l2 = torch.cat([model.mtp_draft(h1[:, t:t + 1], idx[:, t + 2:t + 3], start_pos=t, depth=2)[0]
@@ -533,7 +536,8 @@ def test_grad_ckpt_gradients_identical(mode):
     def grads():
         model.zero_grad()
         model(idx, idx, cu_seqlens=cu)[1].backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}, [m.load.clone() for _, m in model._moe()]
+        loads = [m.load.clone() for _, m in model._moe()]
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, loads
     plain, plain_load = grads()
     model.set_grad_ckpt(mode)
     assert all(b.grad_ckpt == mode for b in model._blocks())
