@@ -368,7 +368,7 @@ class Transformer(nn.Module):
         - MoE: router gate.weight normal(0, 0.02), gate.expert_bias 0; routed experts.w1/w3
           normal(0, 0.02), experts.w2 0.02 / sqrt(2 * n_layer) (a residual write, as above).
         - RMSNorm weights (incl. MLA q_norm/kv_norm and MTP enorm/hnorm/norm): 1.
-        - buffers: inv_freq (RoPE) recomputed from the config; MoE load counters 0.
+        - buffers: inv_freq (RoPE) recomputed from the config; MoE load counters cleared.
         """
         std, resid_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, m in self.named_modules():
@@ -381,8 +381,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.experts.w1, 0.0, std)
                 nn.init.normal_(m.experts.w3, 0.0, std)
                 nn.init.normal_(m.experts.w2, 0.0, resid_std)
-                for t in (m.gate.expert_bias, m.load, m.used_load):
-                    t.zero_()
+                m.gate.expert_bias.zero_()
+                m.load = m.used_load = None
         self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
 
     def set_grad_ckpt(self, mode):
@@ -454,8 +454,7 @@ class Transformer(nn.Module):
                 loss = loss + balance
         if self.training:
             for m in moe:
-                if m.last_load is not None:
-                    m.load += m.last_load
+                m.count()
         return logits, loss
 
     def lm_loss(self, h, targets):
@@ -564,7 +563,7 @@ class Transformer(nn.Module):
         expert loads counted by the training forwards since the last call (summed over all ranks under
         torch.distributed, so the replicas stay identical)."""
         moe = [m for _, m in self._moe()]
-        for m, load in zip(moe, all_reduce_loads([m.load for m in moe])):
+        for m, load in zip(moe, all_reduce_loads([m.pending_load() for m in moe])):
             m.update_bias(load)
 
     def moe_stats(self):
@@ -575,8 +574,9 @@ class Transformer(nn.Module):
         stats, lo = {}, []
         for name, m in self._moe():
             s = m.stats()
-            stats[f"moe/max_load/{name}"] = s["max_load"]
-            lo.append(s["min_load"])
+            if s is not None:
+                stats[f"moe/max_load/{name}"] = s["max_load"]
+                lo.append(s["min_load"])
         if lo:
             stats["moe/max_load"] = max(v for k, v in stats.items() if k.startswith("moe/max_load/"))
             stats["moe/min_load"] = min(lo)

@@ -169,10 +169,10 @@ class MoE(nn.Module):
         self.shared_experts = shared_experts  # an MLP of width moe_intermediate_size * n_shared_experts
         self.k, self.alpha = config.num_experts_per_tok, config.aux_loss_alpha
         self.gamma = config.bias_update_rate
-        # tokens routed to each expert since the last update_bias (training forwards only), and the
-        # load that the last update_bias used (for logging after the update)
-        self.register_buffer("load", torch.zeros(config.n_routed_experts), persistent=False)
-        self.register_buffer("used_load", torch.zeros(config.n_routed_experts), persistent=False)
+        # tokens routed to each expert since the last update_bias (training forwards only; None = none
+        # yet), and the load that the last update_bias used (for logging right after the update). Plain
+        # tensors, not buffers: DDP would overwrite every rank's counts with rank 0's at each forward.
+        self.load, self.used_load = None, None
         self.last_load, self.aux_loss = None, None
 
     def forward(self, x):
@@ -199,20 +199,33 @@ class MoE(nn.Module):
         P = (scores / scores.sum(-1, keepdim=True)).mean(1)
         return (f * P).sum(-1).mean()
 
+    def count(self):
+        """Add the last forward's load to the counters (Transformer.forward, in training)."""
+        if self.last_load is not None:
+            self.load = self.last_load if self.load is None else self.load + self.last_load
+
+    def pending_load(self):
+        if self.load is None:
+            return torch.zeros_like(self.gate.expert_bias, dtype=torch.float)
+        return self.load
+
     @torch.no_grad()
     def update_bias(self, load=None):
         """The sign rule: bias_i += gamma * sign(mean load - load_i). `load` defaults to the tokens
         counted since the last call (Transformer.update_moe_bias passes them all-reduced across ranks)."""
-        load = self.load if load is None else load
+        load = self.pending_load() if load is None else load
         bias = self.gate.expert_bias
         bias.add_((self.gamma * torch.sign(load.mean() - load)).to(bias.dtype))  # no load: sign(0) = 0
-        self.used_load.copy_(torch.where(load.sum() > 0, load, self.used_load))  # no host sync
-        self.load.zero_()
+        if self.used_load is not None:  # keep the last real load through calls with none (no host sync)
+            load = torch.where(load.sum() > 0, load, self.used_load)
+        self.used_load, self.load = load, None
 
     def stats(self):
         """max/mean and min/mean of the expert loads (1.0 = perfectly balanced): the load counted since
-        the last update_bias, or the one that call used when nothing was counted since."""
-        load = self.load if self.load.sum() > 0 else self.used_load
+        the last update_bias, or the one that call used; None before any training forward."""
+        load = self.load if self.load is not None else self.used_load
+        if load is None:
+            return None
         mean = load.mean().clamp(min=1e-9)
         return {"max_load": (load.max() / mean).item(), "min_load": (load.min() / mean).item()}
 
