@@ -1,4 +1,5 @@
-"""Generation with a KV cache: prefill the prompt once, then decode one token at a time.
+"""Generation with a KV cache: prefill the prompt once, then decode one token at a time (generate), or
+several per target forward with a draft model or MTP modules (speculative_generate).
 
 The sampling transform (temperature, top-k, top-p) lives in one function, `logits_to_probs`, so
 plain and speculative decoding sample from exactly the same distribution.
@@ -74,8 +75,8 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 # Decoding"; Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling").
 #
 # Each step a cheap proposer guesses k tokens d_1..d_k with distributions q_1..q_k, and one target
-# forward over [cur, d_1..d_k] gives p_1..p_{k+1}. d_i is accepted with probability min(1, p_i/q_i)
-# (d_i) until the first rejection; at a rejection the replacement is sampled from
+# forward over [cur, d_1..d_k] gives p_1..p_{k+1}. d_i is accepted with probability
+# min(1, p_i(d_i) / q_i(d_i)) until the first rejection; at a rejection the replacement is sampled from
 # norm(max(0, p_i - q_i)), and when all k are accepted a bonus token comes from p_{k+1}. Every
 # emitted token is then distributed exactly as the target's, whatever the proposer does. p and q are
 # both taken AFTER the temperature/top-k/top-p transform (logits_to_probs), so the output follows the
@@ -86,6 +87,10 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 # last token, which is not yet in the target's cache) and the models are called with per-row start
 # positions. Rollback is free: the caches mask entries beyond a query's position, so after a
 # rejection the next step simply writes over the rejected entries.
+#
+# A proposer has start(idx, max_len) after the target's cache is set up, observe(h, start) with the
+# target's final hidden states of each forward (if wants_hidden), propose(out, pos, k, to_probs, gen)
+# -> (drafts (B, k), their distributions (B, k, V)), and stop(); k is its number of drafts per step.
 
 
 class _DraftModel:
@@ -127,10 +132,11 @@ class _DraftModel:
 
 
 class _MTPDraft:
-    """Proposals from the target's own DeepSeek-V3 MTP modules (Transformer.mtp_draft): module d, at the
-    position of the last token, reads h_{d-1} there and the token d - 1 further (a draft token for
-    d > 1) and drafts the token d ahead. The first draft token thus comes almost for free from the
-    target's verify pass; k is capped at mtp_depth (module d only ever learned to predict d ahead).
+    """Proposals from the target's own DeepSeek-V3 MTP modules (Transformer.mtp_draft). Module d, at the
+    position just before the last token, reads h_{d-1} there and the token d further on (the last token
+    for d = 1, then the drafts) and drafts the d-th token after the last. The first draft thus costs one
+    small block on top of the target's verify pass; k is capped at mtp_depth (module d only learned to
+    look d tokens ahead; chaining module 1 on its own output would feed it inputs it never saw).
 
     Module d's cache entry at position t depends on the tokens up to t + d, so after a step the entries
     from t = (start of the verify block) - d + 1 on may hold rejected drafts: every step feeds each
@@ -189,13 +195,16 @@ def speculative_generate(model, idx, max_new_tokens, *, draft=None, k=4, tempera
                          top_p=None, seed=None):
     """Like generate(), with k tokens proposed per step by `draft` and verified by one forward of `model`.
 
-    draft: a smaller Transformer with the same vocabulary, or "mtp" (the model's own MTP modules);
-        None means "mtp" when the model has MTP modules (config.mtp_depth > 0), else a ValueError.
-    Returns (tokens (B, T + max_new_tokens), stats) with stats:
+    draft: a smaller Transformer with the same vocabulary, or "mtp" (the model's own MTP modules, k
+        capped at mtp_depth); None means "mtp" when the model has MTP modules, else a ValueError.
+    Greedy (temperature 0) output equals generate()'s token for token, up to floating-point rounding: the
+    verify forward over k + 1 tokens and a one-token forward round differently in the last bits, which
+    can only matter where the two best logits (nearly) tie. Sampled output follows generate()'s
+    distribution exactly. Returns (tokens (B, T + max_new_tokens), stats) with stats:
         acceptance_rate: accepted draft tokens / proposed draft tokens (nan when nothing was proposed)
         tokens_per_step: mean new tokens per verify forward of the target (accepted + 1), per row
-        target_forwards: verify forwards + the prefill; draft_forwards; proposed; accepted
-        accepted_at: for i = 1..k, the fraction of proposals whose first i tokens were all accepted
+        k: draft tokens per step; target_forwards: verify forwards + the prefill; draft_forwards;
+        proposed; accepted; accepted_at: for i = 1..k, the fraction of steps whose first i drafts passed
     """
     return _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p, seed, _accept_prob)
 
@@ -238,8 +247,8 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
     proposer = _proposer(model, draft, k)
     k = proposer.k
     nan = float("nan")
-    stats = dict(acceptance_rate=nan, tokens_per_step=nan, target_forwards=0, draft_forwards=0, proposed=0,
-                 accepted=0, accepted_at=[nan] * k)
+    stats = dict(acceptance_rate=nan, tokens_per_step=nan, k=k, target_forwards=0, draft_forwards=0,
+                 proposed=0, accepted=0, accepted_at=[nan] * k)
     if max_new_tokens <= 0:
         return idx, stats
     dev = idx.device
@@ -260,12 +269,11 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
         if h is not None:
             proposer.observe(h, pos - T)
         out[:, T] = sample(to_probs(logits[:, -1]), gen)[:, 0]
-        steps = row_steps = emitted = 0
-        accepted_at = torch.zeros(k, device=dev)
+        steps = 0
+        row_steps, emitted, accepted_at = (torch.zeros(n, device=dev, dtype=torch.long) for n in (1, 1, k))
         while True:
             active = pos < last
-            n_active = int(active.sum())
-            if n_active == 0:
+            if not active.any():  # the one host sync per step
                 break
             # finished rows ride along at a safe position (their output is complete and never rewritten)
             pos = pos.clamp(max=last)
@@ -294,9 +302,10 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
                 proposer.observe(h, pos)
             pos = torch.where(active, pos + a + 1, pos)
             steps += 1
-            row_steps += n_active
-            emitted += int(((a + 1) * active).sum())
+            row_steps += active.sum()
+            emitted += ((a + 1) * active).sum()
             accepted_at += (ok * active[:, None]).sum(dim=0)
+        row_steps, emitted = int(row_steps), int(emitted)
         proposed = row_steps * k
         stats.update(target_forwards=steps + 1, draft_forwards=steps * k, proposed=proposed,
                      accepted=emitted - row_steps)
