@@ -430,8 +430,10 @@ class Transformer(nn.Module):
             (B,) tensor (rows may be at different lengths).
         With targets, loss = cross-entropy + mtp_weight * mean of the MTP modules' cross-entropies (when
         mtp_depth > 0) + the MoE balance losses (when aux_loss_alpha > 0); on CUDA with fused_ce the
-        logits are None (see lm_loss). In training mode, each forward adds the tokens every MoE layer
-        routed to each expert to the counters that update_moe_bias() consumes.
+        logits are None (see lm_loss). `self.loss_terms` then holds the detached parts ("lm", "mtp",
+        "balance"): a validation loss comparable across models with and without MTP is loss_terms["lm"].
+        In training mode, each forward adds the tokens every MoE layer routed to each expert to the
+        counters that update_moe_bias() consumes.
         """
         ctx = self._context(idx, cu_seqlens, start_pos)
         moe = [m for _, m in self._moe()]

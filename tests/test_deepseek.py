@@ -235,8 +235,8 @@ def test_kv_cache_bytes_per_token():
 
 
 def test_packed_documents_equal_documents_alone():
-    """MLA + MoE through attend() (the kernels path, not the reference: Dqk 14 != Dv 10)."""
-    model = _model(attn_impl="auto", mtp_depth=0)
+    """MLA + MoE through attend() on the kernels path (not the reference), Dqk 24 != Dv 16."""
+    model = _model(attn_impl="auto", mtp_depth=0, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
     B, T = 2, 24
     idx = torch.randint(0, 67, (B, T))
     cu = torch.tensor([0, 1, 9, 24, 30, 47, 48], dtype=torch.int32)
