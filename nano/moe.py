@@ -224,7 +224,7 @@ class MoE(nn.Module):
         """max/mean and min/mean of the expert loads (1.0 = perfectly balanced): the load counted since
         the last update_bias, or the one that call used; None before any training forward."""
         load = self.load if self.load is not None else self.used_load
-        if load is None:
+        if load is None or load.sum() == 0:
             return None
         mean = load.mean().clamp(min=1e-9)
         return {"max_load": (load.max() / mean).item(), "min_load": (load.min() / mean).item()}
