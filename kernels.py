@@ -129,23 +129,39 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None
 # the backward and its fp32 gradient: at N = 16k tokens and Llama-3's V = 128k that is ~25 GB, far more
 # than the rest of a 1B model's activations.
 #
-# Design: chunk over the N rows in PyTorch and do the whole forward AND backward of a chunk at once
-# (the loss is a scalar, so its gradient is known up to the factor dloss, applied in the backward):
-#   logits_c = h_c @ W^T                          cuBLAS, (C, V) in h's dtype, one buffer reused
-#   _ce_rows_kernel: per row, online max/sum-exp over vocab tiles -> lse, loss_r = lse - x[target];
-#                    then overwrites logits_c in place with g = (softmax - onehot) * s (* 1/n_valid)
-#   dh_c = g @ W                                  cuBLAS, written once into dh
-#   dW  += g^T @ h_c                              cuBLAS, accumulated over chunks in fp32
-# Why not one fused Triton GEMM per direction (forward over (row block x vocab tiles), backward
-# recomputing the tiles for dh and again for dW)? That costs 5 GEMMs of 2*N*V*D FLOPs (4 with atomics,
-# whose traffic on a (V, D) or (N, D) fp32 buffer is worse) against eager's 3, in Triton GEMMs that
-# reach less of the H100's peak than cuBLAS. Chunking keeps eager's 3 cuBLAS GEMMs and replaces its
-# chain of fp32 passes over (N, V) with two bf16 passes over a (C, V) chunk, while the memory stays
-# bounded by LCE_CHUNK_BYTES + the (V, D) fp32 accumulator; no (N, V) tensor ever exists.
-# The price: dh and dW are held from the forward to the backward (the size of h and of W), and the
-# backward work is spent even if backward is never called (so it is skipped under no_grad).
+# Design: save only (N,) floats (each row's log-sum-exp, and the count of valid rows; h, W and the
+# targets are inputs that autograd holds anyway) and recompute the logits in the backward. Both passes
+# walk the vocabulary in chunks of C columns through one reused (N, C) buffer in h's dtype:
+#   forward   x_c = h @ W_c^T                      cuBLAS
+#             _ce_lse_kernel: per row, online max / sum-exp over the chunk's tiles, carried from chunk to
+#                             chunk (Milakov & Gimelshein 2018), target logit picked in its chunk;
+#                             the last chunk writes lse and loss_r = lse - s * x[target]
+#   backward  x_c = h @ W_c^T                      cuBLAS: the recompute
+#             _ce_grad_kernel: x_c <- (exp(s * x_c - lse) - onehot) * s * dloss / n_valid, in place, in
+#                             fp32 from the saved lse (no second max / sum pass), 0 on ignored rows
+#             dW_c = g_c^T @ h                     cuBLAS, each slice written once (eager's numerics)
+#             dh  += g_c @ W_c                     cuBLAS, an fp32 (N, D) accumulator for bf16 / fp16
+# Memory: the chunk (LCE_CHUNK_BYTES) + the (N, D) accumulator + (N,) floats; no (N, V) tensor exists.
+# Why chunks of vocabulary and not of rows: with row chunks every chunk adds into an fp32 (V, D) dW
+# (1 GB at V = 128k, D = 2k, read and written once per chunk); vocabulary chunks write each dW slice
+# once and accumulate only dh, which is (N, D) (128 MB at N = 16k).
+# Why cuBLAS GEMMs and not one fused Triton kernel per direction (Cut Cross-Entropy's way, which also
+# saves the chunk's round trip through memory): tl.dot GEMMs reach less of the H100's peak than cuBLAS,
+# and the GEMMs are nearly all of the time here.
+# Cost: 4 GEMMs of 2 N V D FLOPs against eager's 3 (the recompute), plus three bf16 passes over the
+# logits (one read in the forward, a read and a write in the backward). Eager adds about ten passes over
+# (N, V), most of them fp32 (upcast, log_softmax, its backward, the downcast: ~80 GB moved at the
+# full shape, comparable to two GEMMs' time), so the fused path should beat it. torch.compile fuses
+# those passes into a few bf16 ones, so against it the extra GEMM is the whole price: the issue's
+# "<= 1.1x compile" holds only if compile's own passes cost about as much as a GEMM. Not yet measured.
+# The chunk size trades memory for speed: narrow chunks make thin GEMMs and more launches and passes
+# over the dh accumulator; a chunk of ~1 GB gives GEMMs of at least 16k x 32k x D at the full shape.
+# fp16: g is formed in fp32 and multiplied by dloss (which carries a GradScaler's scale) and 1/n_valid
+# before its one rounding to fp16, exactly as eager rounds its fp32 gradient: the scale lifts small
+# values above fp16's underflow. (Leaving 1/n_valid for after the GEMMs would overflow instead: the
+# target column's (p - 1) * 2^16 is below fp16's -65504.)
 
-LCE_CHUNK_BYTES = 1 << 30  # logits chunk size: larger = fewer passes over the dW accumulator, more memory
+LCE_CHUNK_BYTES = 1 << 30  # logits chunk size: larger = wider GEMMs and fewer passes, more memory
 
 
 def linear_cross_entropy_reference(h, weight, targets, *, ignore_index=-100, softmax_scale=None):
@@ -162,6 +178,8 @@ def _check_lce_args(h, weight, targets):
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: h must be (N, D) and weight (V, D), got {tuple(h.shape)} "
                          f"and {tuple(weight.shape)}; flatten the batch first (h.flatten(0, 1))")
+    if weight.shape[0] == 0:
+        raise ValueError("linear_cross_entropy: weight has no rows (V = 0); pass the output projection")
     if targets.shape != h.shape[:1] or targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"linear_cross_entropy: targets must be int64 (or int32) of shape ({h.shape[0]},), "
                          f"got {targets.dtype} {tuple(targets.shape)}")
@@ -171,134 +189,172 @@ def _check_lce_args(h, weight, targets):
 
 
 if triton is not None:
-    def _keep_ce(conf):
+    def _keep_lse(conf):
         # 8..64 elements per thread: narrower loads do not stream at full bandwidth, wider tiles spill
         tile = conf.kwargs["BLOCK_N"] * conf.kwargs["BLOCK_V"]
         return tile <= 16384 and 8 <= tile // (32 * conf.num_warps) <= 64
 
-    _CE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv}, num_warps=w)
-                   for bn in (1, 4) for bv in (2048, 4096, 8192) for w in (4, 8, 16)]
-    _CE_CONFIGS = [c for c in _CE_CONFIGS if _keep_ce(c)]
+    _LSE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv}, num_warps=w)
+                    for bn in (1, 4) for bv in (2048, 4096, 8192) for w in (4, 8, 16)]
+    _LSE_CONFIGS = [c for c in _LSE_CONFIGS if _keep_lse(c)]
+    # the gradient kernel is not autotuned: it is elementwise (any tile that streams will do) and rewrites
+    # its input, so every trial would first copy the whole chunk back, and that copy would be the timing
+    _GRAD_BLOCKS = dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4)
     if INTERPRET:  # the interpreter pays per op, not per element: one config, many rows per program
-        _CE_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 512}, num_warps=1)]
+        _LSE_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 512}, num_warps=1)]
+        _GRAD_BLOCKS = dict(BLOCK_N=16, BLOCK_V=512, num_warps=1)
 
-    # the kernel overwrites the logits with the gradient: autotuning must restore them between trials
-    @triton.autotune(configs=_CE_CONFIGS, key=["V", "WRITE_GRAD"], restore_value=["logits_ptr"])
+    # each row's running (max, sum of exp, target logit) waits in m / d / x_t between chunks: autotuning
+    # restores them between trials, which would otherwise fold the chunk in several times
+    @triton.autotune(configs=_LSE_CONFIGS, key=["n_cols"], restore_value=["m_ptr", "d_ptr", "xt_ptr"])
     @triton.jit
-    def _ce_rows_kernel(logits_ptr, targets_ptr, loss_ptr, n_valid_ptr, n_rows, stride, V, ignore_index,
-                        scale, WRITE_GRAD: tl.constexpr, NORMALISE: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _ce_lse_kernel(x_ptr, targets_ptr, m_ptr, d_ptr, xt_ptr, lse_ptr, loss_ptr, n_rows, n_cols, stride,
+                       col0, ignore_index, scale, FIRST: tl.constexpr, LAST: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+        # x is one logits chunk, (h W^T)[:, col0:col0 + n_cols], its rows `stride` elements apart
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_V)
         row_ok = rows < n_rows
         target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
-        # ignored rows are masked out of every load: they cost no memory traffic and no exp
+        # ignored rows are masked out of every load: they cost no memory traffic
         valid = row_ok & (target != ignore_index)
-        row_ptr = logits_ptr + rows.to(tl.int64)[:, None] * stride  # (BLOCK_N, 1)
+        row_ptr = x_ptr + rows.to(tl.int64)[:, None] * stride  # (BLOCK_N, 1)
+        if FIRST:
+            m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+            d = tl.zeros([BLOCK_N], tl.float32)
+            x_t = tl.full([BLOCK_N], float("nan"), tl.float32)  # stays NaN if the target is not in [0, V)
+        else:
+            m = tl.load(m_ptr + rows, mask=row_ok, other=0.0)
+            d = tl.load(d_ptr + rows, mask=row_ok, other=0.0)
+            x_t = tl.load(xt_ptr + rows, mask=row_ok, other=0.0)
 
-        # pass 1: online max and sum of exp over the vocab tiles (Milakov & Gimelshein 2018)
-        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        d = tl.zeros([BLOCK_N], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            col_ok = (v0 + cols < V)[None, :]
+        # online max and sum of exp over the chunk's tiles (Milakov & Gimelshein 2018)
+        for v0 in range(0, n_cols, BLOCK_V):
+            col_ok = (v0 + cols < n_cols)[None, :]
             x = tl.load(row_ptr + v0 + cols[None, :], mask=valid[:, None] & col_ok, other=0.0).to(tl.float32)
             x = tl.where(col_ok, x * scale, float("-inf"))  # every tile has a real column: m stays finite
             m_new = tl.maximum(m, tl.max(x, 1))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
             m = m_new
-        lse = m + tl.log(d)
-        # a target outside [0, V) gives a NaN loss (checking on the host would cost a sync)
-        in_range = (target >= 0) & (target < V)
-        x_t = tl.load(logits_ptr + rows.to(tl.int64) * stride + target, mask=valid & in_range,
-                      other=float("nan")).to(tl.float32) * scale
-        tl.store(loss_ptr + rows, tl.where(valid, lse - x_t, 0.0), mask=row_ok)
+        # the target logit, from the chunk that holds it (a host-side range check would cost a sync)
+        local = target - col0
+        here = valid & (local >= 0) & (local < n_cols)
+        x_here = tl.load(x_ptr + rows.to(tl.int64) * stride + local, mask=here, other=0.0).to(tl.float32)
+        x_t = tl.where(here, x_here * scale, x_t)
 
-        if WRITE_GRAD:
-            # pass 2: d loss_r / d logit = s * (softmax - onehot), times 1/n_valid unless fp16; 0 if ignored
-            g_scale = scale
-            if NORMALISE:
-                g_scale = scale / tl.maximum(tl.load(n_valid_ptr), 1.0)  # no valid row: unused
-            for v0 in range(0, V, BLOCK_V):
-                offs = v0 + cols[None, :]
-                col_ok = offs < V
-                x = tl.load(row_ptr + offs, mask=valid[:, None] & col_ok, other=0.0).to(tl.float32) * scale
-                g = (tl.exp(x - lse[:, None]) - (offs == target[:, None]).to(tl.float32)) * g_scale
-                g = tl.where(valid[:, None], g, 0.0)
-                tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok)
+        if LAST:
+            lse = m + tl.log(d)
+            tl.store(lse_ptr + rows, lse, mask=row_ok)
+            tl.store(loss_ptr + rows, tl.where(valid, lse - x_t, 0.0), mask=row_ok)
+        else:
+            tl.store(m_ptr + rows, m, mask=row_ok)
+            tl.store(d_ptr + rows, d, mask=row_ok)
+            tl.store(xt_ptr + rows, x_t, mask=row_ok)
+
+    @triton.jit
+    def _ce_grad_kernel(x_ptr, targets_ptr, lse_ptr, gscale_ptr, n_rows, n_cols, stride, col0, ignore_index,
+                        scale, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+        # in place on a recomputed logits chunk: x <- (softmax(s x) - onehot) * gscale, 0 on ignored rows;
+        # gscale = s * dloss / n_valid, a device scalar (reading it on the host would cost a sync)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        row_ok = rows < n_rows
+        ok = row_ok[:, None] & (cols < n_cols)[None, :]
+        target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+        valid = row_ok & (target != ignore_index)
+        lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+        ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :]
+        x = tl.load(ptrs, mask=ok & valid[:, None], other=0.0).to(tl.float32)  # ignored rows: write only
+        onehot = (col0 + cols[None, :] == target[:, None]).to(tl.float32)
+        g = (tl.exp(x * scale - lse[:, None]) - onehot) * tl.load(gscale_ptr)
+        tl.store(ptrs, tl.where(valid[:, None], g, 0.0).to(x_ptr.dtype.element_ty), mask=ok)
 
 
-def _lce_chunk_rows(N, V, itemsize):
-    """Rows per logits chunk: about LCE_CHUNK_BYTES of logits, chunks of equal size (so the last one is
-    not a sliver), whole 128-row GEMM tiles once they are that large."""
+def _lce_chunk_cols(N, V, itemsize):
+    """Vocabulary columns per logits chunk: about LCE_CHUNK_BYTES of (N, C) logits, chunks of about equal
+    width (so the last one is not a sliver), whole 128-column GEMM tiles; V when one chunk holds it all."""
     n_chunks = max(1, -(-N * V * itemsize // LCE_CHUNK_BYTES))
-    rows = -(-N // n_chunks)
-    return min(N, -(-rows // 128) * 128) if rows > 128 else max(rows, 1)
+    cols = -(-V // n_chunks)
+    return min(V, -(-cols // 128) * 128)
 
 
-def _lce_forward(h, weight, targets, ignore_index, scale, need_dh, need_dw):
-    """(loss, dh, dw, n_valid): the loss and, when asked, its gradients for dloss = 1 (times n_valid for
-    fp16 inputs), chunk by chunk; see the design note above."""
-    N, D = h.shape
-    V = weight.shape[0]
-    write_grad = need_dh or need_dw
-    # fp16 has too little range for (softmax - onehot) / n_valid (~1e-10 at V=128k, N=16k): the
-    # GradScaler's dloss would have lifted those values above underflow in eager PyTorch, but dloss is
-    # only known in the backward. So fp16 keeps g unnormalised and the backward applies dloss / n_valid.
-    normalise = h.dtype != torch.float16
-    valid = targets != ignore_index
-    n_valid = valid.sum(dtype=torch.float32)  # a tensor: no host sync
-    loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
-    C = _lce_chunk_rows(N, V, h.element_size())
-    n_chunks = -(-N // C)
+def _lce_chunks(h, weight):
+    """Yield (v0, v1, x) per vocabulary chunk, x = h @ weight[v0:v1].T in one reused (N, C) buffer."""
+    N, V = h.shape[0], weight.shape[0]
+    C = _lce_chunk_cols(N, V, h.element_size())
     # rows padded to 64 elements: an odd V (50257) would leave the GEMMs' leading dimension unaligned,
     # which costs cuBLAS its fastest kernels (nanoGPT pads the vocabulary itself for the same reason)
-    logits = torch.empty(C, -(-V // 64) * 64, dtype=h.dtype, device=h.device)[:, :V]
-    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
-    dw = None
-    if need_dw:  # fp32 accumulator unless one chunk writes dW in one GEMM (as eager does)
-        dw_dtype = weight.dtype if n_chunks == 1 and h.dtype != torch.float16 else torch.float32
-        dw = (torch.empty if N else torch.zeros)(V, D, dtype=dw_dtype, device=h.device)  # N = 0: no chunk
-    for i, r0 in enumerate(range(0, N, C)):
-        r1 = min(r0 + C, N)
-        hc, lc = h[r0:r1], logits[:r1 - r0]
-        torch.mm(hc, weight.T, out=lc)
-        grid = lambda META: (triton.cdiv(r1 - r0, META["BLOCK_N"]),)  # noqa: E731
-        _ce_rows_kernel[grid](lc, targets[r0:r1], loss_rows[r0:r1], n_valid, r1 - r0, lc.stride(0), V,
-                              ignore_index, scale, WRITE_GRAD=write_grad, NORMALISE=normalise)
-        if need_dh:
-            torch.mm(lc, weight, out=dh[r0:r1])
+    buf = torch.empty(N, -(-C // 64) * 64, dtype=h.dtype, device=h.device)
+    for v0 in range(0, V, C):
+        v1 = min(v0 + C, V)
+        x = buf[:, :v1 - v0]
+        torch.mm(h, weight[v0:v1].T, out=x)
+        yield v0, v1, x
+
+
+def _lce_forward(h, weight, targets, ignore_index, scale):
+    """(loss, lse, n_valid): the mean loss, each row's fp32 log-sum-exp of the scaled logits, and the
+    number of rows that count (a device tensor: no host sync)."""
+    N, V = h.shape[0], weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=h.device)
+    lse, loss_rows = torch.empty(N, **f32), torch.zeros(N, **f32)
+    m, d, x_t = (torch.empty(N, **f32) for _ in range(3))  # each row's running state between chunks
+    if N:
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+        for v0, v1, x in _lce_chunks(h, weight):
+            _ce_lse_kernel[grid](x, targets, m, d, x_t, lse, loss_rows, N, v1 - v0, x.stride(0), v0,
+                                 ignore_index, scale, FIRST=v0 == 0, LAST=v1 == V)
+    n_valid = (targets != ignore_index).sum(dtype=torch.float32)
+    return loss_rows.sum() / n_valid, lse, n_valid  # 0 / 0 = NaN when every row is ignored, as torch
+
+
+def _lce_backward(h, weight, targets, lse, gscale, ignore_index, scale, need_dh, need_dw):
+    """(dh, dw), each None unless asked for: the recompute, chunk by chunk; see the design note above."""
+    N, D = h.shape
+    V = weight.shape[0]
+    if N == 0:  # no rows, no chunks: zero gradients (and a NaN loss), as torch
+        return (torch.zeros_like(h) if need_dh else None), (torch.zeros_like(weight) if need_dw else None)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    dh = None
+    if need_dh:  # several chunks sum their dh in fp32: bf16 / fp16 partial sums would round once a chunk
+        one_chunk = _lce_chunk_cols(N, V, h.element_size()) == V
+        dh_dtype = h.dtype if one_chunk else torch.promote_types(h.dtype, torch.float32)
+        dh = torch.empty(N, D, dtype=dh_dtype, device=h.device)
+    bn, bv = _GRAD_BLOCKS["BLOCK_N"], _GRAD_BLOCKS["BLOCK_V"]
+    for v0, v1, x in _lce_chunks(h, weight):
+        _ce_grad_kernel[(triton.cdiv(N, bn), triton.cdiv(v1 - v0, bv))](
+            x, targets, lse, gscale, N, v1 - v0, x.stride(0), v0, ignore_index, scale, **_GRAD_BLOCKS)
+        w_c = weight[v0:v1]
         if need_dw:
-            if dw.dtype == lc.dtype:
-                dw.addmm_(lc.T, hc, beta=0 if i == 0 else 1)  # beta=0 ignores the uninitialised dw
-            elif i == 0:
-                dw.copy_(torch.mm(lc.T, hc))
+            torch.mm(x.T, h, out=dw[v0:v1])  # one GEMM per slice: cuBLAS sums over the N rows in fp32
+        if need_dh:
+            if dh.dtype == x.dtype:
+                dh.addmm_(x, w_c, beta=0 if v0 == 0 else 1)  # beta=0 ignores the uninitialised dh
+            elif v0 == 0:
+                dh.copy_(torch.mm(x, w_c))
             else:
-                dw.add_(torch.mm(lc.T, hc))
-    if dw is not None and h.dtype != torch.float16:
-        dw = dw.to(weight.dtype)  # normalised already: bf16 has fp32's range
-    return loss_rows.sum() / n_valid, dh, dw, n_valid  # 0 / 0 = NaN when every row is ignored, as torch
+                dh.add_(torch.mm(x, w_c))
+    return (dh.to(h.dtype) if need_dh else None), dw
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, scale, grad_enabled):
-        need_dh, need_dw = (grad_enabled and n for n in ctx.needs_input_grad[:2])
-        loss, dh, dw, n_valid = _lce_forward(h, weight, targets.contiguous(), ignore_index, scale,
-                                             need_dh, need_dw)
-        ctx.unnormalised = h.dtype == torch.float16
-        ctx.dtypes = h.dtype, weight.dtype
-        ctx.save_for_backward(dh, dw, n_valid)
+    def forward(ctx, h, weight, targets, ignore_index, scale):
+        loss, lse, n_valid = _lce_forward(h, weight, targets, ignore_index, scale)
+        ctx.save_for_backward(h, weight, targets, lse, n_valid)  # the inputs and (N,) floats: no logits
+        ctx.ignore_index, ctx.scale = ignore_index, scale
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dloss):
-        dh, dw, n_valid = ctx.saved_tensors
-        # gradients were formed for dloss = 1; all-ignored batches have zero gradients, as in torch.
-        # In place, to not hold two copies of dW (a second backward through this graph then raises)
-        f = dloss / n_valid.clamp(min=1) if ctx.unnormalised else dloss
-        dh = dh.mul_(f).to(ctx.dtypes[0]) if dh is not None else None
-        dw = dw.mul_(f).to(ctx.dtypes[1]) if dw is not None else None
-        return dh, dw, None, None, None, None
+        h, weight, targets, lse, n_valid = ctx.saved_tensors
+        # every factor of d loss / d logit but (softmax - onehot), kept on the device. An all-ignored
+        # batch has zero gradients, as in torch: every row is masked to 0; the clamp keeps gscale finite
+        gscale = dloss.float() * ctx.scale / n_valid.clamp(min=1)
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        dh, dw = _lce_backward(h, weight, targets, lse, gscale, ctx.ignore_index, ctx.scale, need_dh, need_dw)
+        return dh, dw, None, None, None
 
 
 def _lce_use_triton(h):
@@ -334,4 +390,4 @@ def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, softmax_scale
 @torch.compiler.disable  # torch.compile'd models break the graph here rather than trace the chunk loop
 def _linear_cross_entropy_fused(h, weight, targets, ignore_index, scale):
     with torch.autocast(h.device.type, enabled=False):  # the chunk GEMMs run in the dtype chosen above
-        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, scale, torch.is_grad_enabled())
+        return _LinearCrossEntropy.apply(h, weight, targets.contiguous(), ignore_index, scale)

@@ -62,14 +62,15 @@ def _data(N, D, V, dtype, ignore_frac, seed):
     return h, w, t
 
 
-# (N, D, V, softmax_scale, fraction ignored, rows per chunk or None = one chunk)
+# (N, D, V, softmax_scale, fraction ignored, vocabulary columns per chunk or None = one chunk);
+# chunk widths round up to whole 128-column tiles
 SHAPES = [
     (1, 16, 97, None, 0.0, None),
-    (17, 48, 257, 0.5, 0.2, None),
-    (64, 64, 1000, None, 0.1, 10),  # 7 chunks of 10 rows, the last one 4
-    (129, 96, 5000, 2.0, 0.3, 50),  # 3 chunks of 43 rows
-    (300, 33, 1531, None, 0.05, 200),  # 2 chunks of 150 rows round up to a 128 multiple: 256, 44
-    (200, 192, 1024, 0.125, 0.5, None),  # V a multiple of the interpreter's BLOCK_V
+    (17, 48, 257, 0.5, 0.2, 100),  # 3 chunks of 86 columns round up to 128: 128, 128 and a 1-column one
+    (64, 64, 1000, None, 0.1, 128),  # 8 chunks: 7 of 128 columns, the last 104
+    (129, 96, 5000, 2.0, 0.3, 1700),  # 3 chunks of 1667 -> 1792 columns: 1792, 1792, 1416
+    (300, 33, 1531, None, 0.05, None),
+    (200, 192, 1024, 0.125, 0.5, 512),  # 2 chunks of exactly the interpreter's BLOCK_V
 ]
 
 
@@ -79,7 +80,8 @@ def test_matches_float64(shape, dtype, monkeypatch):
     # bf16 is tested here because this kernel has no tl.dot (the interpreter's bf16 dot is what breaks)
     N, D, V, scale, ignore_frac, chunk = shape
     if chunk is not None:
-        monkeypatch.setattr(kernels, "LCE_CHUNK_BYTES", chunk * V * dtype.itemsize)
+        monkeypatch.setattr(kernels, "LCE_CHUNK_BYTES", N * chunk * dtype.itemsize)
+        assert kernels._lce_chunk_cols(N, V, dtype.itemsize) < V  # the chunk boundaries are really crossed
     h, w, t = _data(N, D, V, dtype, ignore_frac, seed=N + V)
     ref = _oracle(h, w, t, scale=scale)
     got = _run(kernels.linear_cross_entropy, h, w, t, softmax_scale=scale)
@@ -130,13 +132,54 @@ def test_all_ignored_is_nan_loss_with_zero_grads_like_torch(dtype, N):
 
 
 def test_fp16_gradients_survive_loss_scaling():
-    # fp16 keeps (softmax - onehot) unnormalised until the backward knows dloss (a GradScaler's 2^16)
+    # a GradScaler's dloss of 2^16 must reach (softmax - onehot) before its rounding to fp16 together with
+    # 1/n_valid: without dloss small values underflow, without 1/n_valid the target's (p - 1) * 2^16 overflows
     h, w, t = _data(256, 32, 3001, torch.float16, 0.0, seed=3)
     ref = _oracle(h, w, t)
     got = _run(kernels.linear_cross_entropy, h, w, t, dloss=2.0 ** 16)
     base = _run(kernels.linear_cross_entropy_reference, h, w, t, dloss=2.0 ** 16)
     for name, a, b, r in zip(("loss", "dh", "dW"), got, base, ref):
         _assert_close(name, a, b, r, torch.float16)
+
+
+def _saved_tensors(fn, h, w, t):
+    """fn(h, w, t) and every tensor its autograd graph saves for the backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss = fn(h, w, t)
+    return loss, saved
+
+
+def test_graph_saves_only_the_inputs_and_per_row_floats(monkeypatch):
+    # the point of the design: from the forward to the backward live h, W, targets (autograd holds them
+    # anyway) and (N,) floats; no logits, no gradients
+    N, D, V = 64, 32, 1000
+    monkeypatch.setattr(kernels, "LCE_CHUNK_BYTES", N * 256 * 4)  # several chunks
+    h, w, t = _data(N, D, V, torch.float32, 0.1, seed=9)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    nbytes = lambda x: x.numel() * x.element_size()  # noqa: E731
+    loss, saved = _saved_tensors(kernels.linear_cross_entropy, h, w, t)
+    inputs = {x.data_ptr() for x in (h, w, t)}
+    assert inputs <= {x.data_ptr() for x in saved}  # the hook sees the Function's saves
+    others = [x for x in saved if x.data_ptr() not in inputs]
+    assert all(x.numel() <= N and x.dtype == torch.float32 for x in others), [x.shape for x in others]
+    assert sum(map(nbytes, saved)) <= nbytes(h) + nbytes(w) + nbytes(t) + 4 * N + 4  # + lse, n_valid
+    loss.backward()
+    assert h.grad is not None and w.grad is not None
+    # and the check can fail: the reference's graph holds (N, V) tensors
+    _, saved_ref = _saved_tensors(kernels.linear_cross_entropy_reference, h, w, t)
+    assert max(x.numel() for x in saved_ref) >= N * V
+
+
+def test_second_backward_with_retain_graph_gives_the_same_gradients():
+    # the backward recomputes from what was saved and must not change any of it
+    h, w, t = _data(33, 16, 300, torch.float32, 0.2, seed=10)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    loss = kernels.linear_cross_entropy(h, w, t)
+    loss.backward(retain_graph=True)
+    dh, dw = h.grad.clone(), w.grad.clone()
+    loss.backward()
+    assert torch.allclose(h.grad, 2 * dh) and torch.allclose(w.grad, 2 * dw)
 
 
 def test_custom_ignore_index_int32_targets_and_one_input_needing_grad():
