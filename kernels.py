@@ -151,9 +151,11 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None
 # Cost: 4 GEMMs of 2 N V D FLOPs against eager's 3 (the recompute), plus three bf16 passes over the
 # logits (one read in the forward, a read and a write in the backward). Eager adds about ten passes over
 # (N, V), most of them fp32 (upcast, log_softmax, its backward, the downcast: ~80 GB moved at the
-# full shape, comparable to two GEMMs' time), so the fused path should beat it. torch.compile fuses
-# those passes into a few bf16 ones, so against it the extra GEMM is the whole price: the issue's
-# "<= 1.1x compile" holds only if compile's own passes cost about as much as a GEMM. Not yet measured.
+# full shape, by arithmetic about two GEMMs' time on an H100), so the fused path should beat it.
+# torch.compile fuses those passes into a few bf16 ones, so against it the extra GEMM is the whole
+# price: the issue's "<= 1.1x compile" holds only if compile's own passes cost about as much as a GEMM.
+# Not yet measured (bench/loss.py). Ignored rows still ride through the GEMMs (dropping them would need
+# their count on the host, a sync); the Triton kernels skip their loads.
 # The chunk size trades memory for speed: narrow chunks make thin GEMMs and more launches and passes
 # over the dh accumulator; a chunk of ~1 GB gives GEMMs of at least 16k x 32k x D at the full shape.
 # fp16: g is formed in fp32 and multiplied by dloss (which carries a GradScaler's scale) and 1/n_valid
