@@ -41,7 +41,8 @@ def parse(argv):
     spec = p.add_mutually_exclusive_group()
     spec.add_argument("--draft", help="run directory of a draft model with the same tokenizer")
     spec.add_argument("--speculate", choices=["mtp"], help="speculate with the model's own MTP modules")
-    p.add_argument("--k", type=int, default=4, help="draft tokens per speculative step")
+    p.add_argument("--k", type=int, default=None,
+                   help="draft tokens per speculative step (default: 4 with --draft, mtp_depth with mtp)")
     return p.parse_args(argv)
 
 
@@ -68,6 +69,8 @@ def main(argv):
         from nano.convert import load_hf
         model = load_hf(args.hf, device=device)
         tok = hf_tokenizer(args.hf, args.tokenizer)
+    if dtype != torch.float32:
+        model.to(dtype)  # decoding reads every weight per token: half the bytes in bf16/fp16
     model.eval()
     draft = None
     if args.draft:
@@ -75,7 +78,7 @@ def main(argv):
         if args.ckpt and dstate["tokenizer"] != state["tokenizer"]:
             raise ValueError(f"the draft in {args.draft} was trained with another tokenizer than {args.ckpt}; "
                              "train it on the same --data with the same --vocab-size")
-        draft = model_from_checkpoint(dstate, device).eval()
+        draft = model_from_checkpoint(dstate, device).to(model.output.weight.dtype).eval()
     elif args.speculate == "mtp":
         if model.config.mtp_depth == 0:
             raise ValueError("--speculate mtp needs a model trained with MTP (--mtp-depth >= 1)")
@@ -89,7 +92,8 @@ def main(argv):
         if draft is None:
             out, stats = generate(model, idx, args.max_new_tokens, **kw), {}
         else:
-            out, stats = speculative_generate(model, idx, args.max_new_tokens, draft=draft, k=args.k, **kw)
+            k = args.k or (model.config.mtp_depth if draft == "mtp" else 4)
+            out, stats = speculative_generate(model, idx, args.max_new_tokens, draft=draft, k=k, **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -99,7 +103,7 @@ def main(argv):
     n_new = args.num_samples * args.max_new_tokens
     line = f"{n_new} tokens in {dt:.2f} s: {n_new / dt:,.1f} tokens/s"
     if stats:
-        line += (f"; acceptance rate {stats['acceptance_rate']:.1%}, "
+        line += (f"; k {stats.get('k', k)}, acceptance rate {stats['acceptance_rate']:.1%}, "
                  f"{stats['tokens_per_step']:.2f} tokens per target forward")
     print(line)
 

@@ -209,7 +209,8 @@ def main(argv):
             x, y, cu = batch_to(val.next_batch())
             n = (y != -100).sum().item()
             with autocast(device, dtype):
-                loss_sum += model(x, y, cu_seqlens=cu)[1].item() * n
+                model(x, y, cu_seqlens=cu)
+            loss_sum += raw_model.loss_terms["lm"].item() * n  # next-token loss only, without MTP/balance
             count += n
         model.train()
         loss = all_sum(loss_sum) / all_sum(count)
@@ -289,6 +290,8 @@ def main(argv):
                   "mfu": mfu, "mem_gib": mem, "packing": loader.efficiency}
         if scaler.is_enabled():
             record["skipped_steps"] = skipped
+        if len(raw_model.loss_terms) > 1:  # MTP / balance terms of the last micro-step, beside the total
+            record.update({f"loss/{k}": v.item() for k, v in raw_model.loss_terms.items()})
         record.update(raw_model.moe_stats())
         log(record)
         pbar.update(1)

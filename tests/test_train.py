@@ -176,3 +176,25 @@ def test_bench_train_smoke(env):
                        text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("tok/s") == 6  # 3 checkpointing modes x (baseline, nano)
+
+
+def test_deepseek_tiny_and_speculative_sampling(corpus, env, tmp_path):
+    """deepseek-tiny (MLA + MoE + MTP) trains with train.py; a `draft` preset trained on the same data
+    shares its tokenizer; sample.py speculates with either the draft or the MTP head."""
+    ds, draft = str(tmp_path / "ds"), str(tmp_path / "draft")
+    small = ["--data", corpus, "--vocab-size", "320", "--seq-len", "64", "--batch-size", "4", "--warmup-steps", "2",
+             "--eval-steps", "2", "--log-every", "1", "--lr", "3e-3"]
+    r = run("train.py", ["--preset", "deepseek-tiny", *small, "--out-dir", ds, "--max-steps", "30",
+                         "--eval-every", "15"], env)
+    losses = [x["loss"] for x in records(ds)]
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
+    last = records(ds)[-1]
+    assert "loss/mtp" in last and last["moe/max_load"] >= 1.0
+    vals = records(ds, "val_loss")  # the val loss is the next-token loss alone (no MTP term)
+    assert vals[0]["val_loss"] < 1.2 * __import__("math").log(320)
+    run("train.py", ["--preset", "draft", *small, "--out-dir", draft, "--max-steps", "5"], env)
+    common = ["--ckpt", ds, "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    for extra in (["--draft", draft, "--k", "3"], ["--speculate", "mtp"]):
+        s = run("sample.py", [*common, *extra], env)
+        assert "acceptance rate" in s.stdout and "tokens per target forward" in s.stdout
+    assert "k 1," in s.stdout  # mtp_depth 1 -> one MTP draft token per step
