@@ -153,7 +153,7 @@ def _check(ok, message):
 PRESETS = {
     # a few-minute CPU run on 2 cores
     "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, max_seq_len=512, vocab_size=4096,
-                 train=dict(batch_size=8, seq_len=256, lr=2e-3)),
+                 train=dict(batch_size=8, seq_len=256, lr=2e-3, max_steps=400)),  # ~5 min on 2 cores
     # GPT-2 small sized (~124M with a 50k vocabulary), LLaMA-style blocks
     "gpt2-small": dict(n_layer=12, n_head=12, n_kv_head=12, n_embd=768, vocab_size=50304, max_seq_len=2048,
                        train=dict(batch_size=16, seq_len=1024, lr=6e-4)),
