@@ -48,11 +48,13 @@ def close(a, b, tol=2e-4):
     return len(a) == len(b) and all(abs(x - y) <= tol * max(1.0, abs(y)) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_follow_one(setup, tmp_path, parallel):
+@pytest.mark.parametrize("parallel,extra", [("ddp", []), ("fsdp", []), ("ddp", ["--grad-ckpt", "selective"]),
+                                            ("fsdp", ["--grad-ckpt", "full", "--compile", "true"])])
+def test_two_processes_follow_one(setup, tmp_path, parallel, extra):
+    """Also: gradient checkpointing and torch.compile compose with DDP and FSDP2."""
     data, env, single = setup
     out = str(tmp_path / parallel)
-    train([*ARGS, "--data", data, "--out-dir", out, "--parallel", parallel], env, nproc=2)
+    train([*ARGS, "--data", data, "--out-dir", out, "--parallel", parallel, *extra], env, nproc=2)
     ref = losses(single)
     assert len(ref) == 6 and close(losses(out), ref), (losses(out), ref)
 
