@@ -198,3 +198,22 @@ def test_deepseek_tiny_and_speculative_sampling(corpus, env, tmp_path):
         s = run("sample.py", [*common, *extra], env)
         assert "acceptance rate" in s.stdout and "tokens per target forward" in s.stdout
     assert "k 1," in s.stdout  # mtp_depth 1 -> one MTP draft token per step
+
+
+def test_sample_from_hf_directory_with_its_tokenizer(env, tmp_path):
+    """sample.py --hf: a tiny random LlamaForCausalLM plus a Llama-3-format tokenizer.model (256 byte
+    tokens; the 256 Llama-3 special tokens follow), found in the model directory's original/ folder."""
+    transformers = pytest.importorskip("transformers")
+    import base64
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "original").mkdir()
+    lines = [f"{base64.b64encode(bytes([i])).decode()} {i}" for i in range(256)]
+    (tmp_path / "hf" / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    r = run("sample.py", ["--hf", str(tmp_path / "hf"), "--prompt", "hi", "--max-new-tokens", "5",
+                          "--temperature", "0"], env)
+    assert "tokens/s" in r.stdout
+    r = run("sample.py", ["--hf", str(tmp_path / "nope")], env, check=False)
+    assert r.returncode != 0 and "config.json" in r.stderr and "Traceback" not in r.stderr
