@@ -104,21 +104,506 @@ def attention_reference(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=
 
 
 # -----------------------------------------------------------------------------
+# Flash attention: Triton forward and backward (FlashAttention-2, Dao 2023)
+#
+# Forward: a program owns BLOCK_M query rows of one head and streams the key/value blocks through an
+# online softmax (Milakov & Gimelshein 2018) in base 2 (exp2 is the native instruction: the scores are
+# pre-multiplied by scale * log2(e)). It writes O and the log-sum-exp per row (LSE, base 2); a row that
+# sees no key writes O = 0 and LSE = +inf, so that the backward's P = exp2(S - LSE) is 0 there, not NaN.
+# Backward: delta = rowsum(dO * O) first (a small pre-pass), then two kernels, so that no output is
+# shared between programs (no atomics, and the gradients are bitwise deterministic):
+#   dK/dV: a program owns BLOCK_N keys of one KV head and loops over the query blocks of the G query
+#          heads that share it (GQA), recomputing P from Q, K and LSE;
+#   dQ:    a program owns BLOCK_M query rows and loops over the key blocks, like the forward.
+# Both kernels compute Q K^T and dP = dO V^T: 1.4x the backward FLOPs of FA2, which adds into dQ atomically.
+#
+# Layouts: dense (B, T, H, D) and varlen (total, H, D) with cu_seqlens share the kernels: a program finds
+# its batch row (dense: program_id(2)) or document (varlen: a host-built table of (document, block) tiles)
+# and never reads outside it. Causal masks are aligned to the bottom right, as in the reference: query i
+# sees keys j <= i + Tk - Tq. Blocks that need no mask (fully visible, in range) take a loop without one.
+# Head dims: a dim that is not a power of two is split into two power-of-two chunks with two dots
+# (96 = 64 + 32, 192 = 128 + 64), so MLA's 192 costs no padding; only Dv (and odd remainders) is padded,
+# with masked loads. Any T: every load is masked by the row count, no power-of-two assumption on T.
+# Precision: fp16/bf16 dots accumulate in fp32; fp32 inputs use exact fp32 ("ieee") dots unless
+# torch.get_float32_matmul_precision() allows tf32 (then expect ~1e-3 relative errors, like bf16).
+
+if triton is not None:
+
+    @triton.jit
+    def _tile(base, rows, stride, n_rows, C0: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+              TRANS: tl.constexpr):
+        # columns C0..C0+C of rows `rows` of a (rows, D) matrix, zero outside rows < n_rows and columns < D;
+        # TRANS loads the (C, rows) transpose
+        cols = C0 + tl.arange(0, C)
+        if TRANS:
+            mask = rows[None, :] < n_rows
+            if C0 + C > D:
+                mask = mask & (cols[:, None] < D)
+            return tl.load(base + rows[None, :] * stride + cols[:, None], mask=mask, other=0.0)
+        else:
+            mask = rows[:, None] < n_rows
+            if C0 + C > D:
+                mask = mask & (cols[None, :] < D)
+            return tl.load(base + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _store_tile(base, rows, stride, n_rows, x, C0: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
+        cols = C0 + tl.arange(0, C)
+        mask = rows[:, None] < n_rows
+        if C0 + C > D:
+            mask = mask & (cols[None, :] < D)
+        tl.store(base + rows[:, None] * stride + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _program_tile(CU, TILES, T_Q, T_K, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
+        # -> (doc, z, blk, start, q_len, k_len): this program's document (< 0: padding tile, nothing to do),
+        # batch row z, block index in the document, first token (varlen) and the q/k lengths
+        pid = tl.program_id(0)
+        if VARLEN:
+            doc = tl.load(TILES + 2 * pid)
+            blk = tl.load(TILES + 2 * pid + 1)
+            start = tl.load(CU + tl.maximum(doc, 0))
+            n = tl.load(CU + tl.maximum(doc, 0) + 1) - start
+            return doc, doc * 0, blk, start, n, n
+        else:
+            z = tl.program_id(2)
+            blk = pid
+            if REVERSE:  # causal: the last query blocks have the most keys, start them first
+                blk = tl.num_programs(0) - 1 - pid
+            return z, z, blk, z * 0, T_Q, T_K
+
+    @triton.jit
+    def _fwd_loop(acc, l_i, m_i, q0, q1, k_ptr, v_ptr, s_kt, s_vt, lo, hi, offs_m, k_len, offset, scale_log2,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, DQK: tl.constexpr, D0: tl.constexpr,
+                  D1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PREC: tl.constexpr):
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            s = tl.dot(q0, _tile(k_ptr, offs_n, s_kt, k_len, 0, D0, DQK, True), input_precision=PREC)
+            if D1 > 0:  # second chunk of the head dim (e.g. 192 = 128 + 64)
+                s = tl.dot(q1, _tile(k_ptr, offs_n, s_kt, k_len, D0, D1, DQK, True), s, input_precision=PREC)
+            s = s * scale_log2
+            if MASK:  # keys past the end, and (causal) keys after the query
+                keep = offs_n[None, :] < k_len
+                if CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = m_new
+            if MASK:  # a row that has seen no key yet subtracts 0, not -inf (-inf - -inf = nan)
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_ref[:, None])
+            alpha = tl.math.exp2(m_i - m_ref)  # rescales what was accumulated under the old max
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _tile(v_ptr, offs_n, s_vt, k_len, 0, DVP, DV, False)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(Q, K, V, O, LSE, CU, TILES,
+                         s_qz, s_qt, s_qh, s_kz, s_kt, s_kh, s_vz, s_vt, s_vh, s_oz, s_ot, s_oh,
+                         T_Q, T_K, GROUP, scale_log2, T_BUCKET,
+                         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DQK: tl.constexpr, D0: tl.constexpr,
+                         D1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        doc, z, blk, start, q_len, k_len = _program_tile(CU, TILES, T_Q, T_K, VARLEN, CAUSAL)
+        if doc < 0:
+            return
+        h = tl.program_id(1)
+        hk = h // GROUP  # GQA: query head h reads KV head h // G; K and V are never repeated
+        z, start = z.to(tl.int64), start.to(tl.int64)
+        q_ptr = Q + z * s_qz + start * s_qt + h * s_qh
+        k_ptr = K + z * s_kz + start * s_kt + hk * s_kh
+        v_ptr = V + z * s_vz + start * s_vt + hk * s_vh
+        start_m = blk * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        # load q: it stays on chip for the whole loop
+        q0 = _tile(q_ptr, offs_m, s_qt, q_len, 0, D0, DQK, False)
+        q1 = q0
+        if D1 > 0:
+            q1 = _tile(q_ptr, offs_m, s_qt, q_len, D0, D1, DQK, False)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, DVP], tl.float32)
+        # keys [0, mid) are visible to every row of the block and in range: no mask; [mid, hi) need one
+        offset = k_len - q_len
+        if CAUSAL:
+            hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), k_len)
+            mid = tl.minimum(tl.maximum(start_m + 1 + offset, 0), k_len) // BLOCK_N * BLOCK_N
+        else:
+            hi = k_len
+            mid = k_len // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q0, q1, k_ptr, v_ptr, s_kt, s_vt, 0, mid, offs_m, k_len,
+                                  offset, scale_log2, False, CAUSAL, DQK, D0, D1, DV, DVP, BLOCK_N, PREC)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q0, q1, k_ptr, v_ptr, s_kt, s_vt, mid, hi, offs_m, k_len,
+                                  offset, scale_log2, True, CAUSAL, DQK, D0, D1, DV, DVP, BLOCK_N, PREC)
+        # rows that saw no key (l = 0): O = 0 and LSE = +inf
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        o_ptr = O + z * s_oz + start * s_ot + h * s_oh
+        _store_tile(o_ptr, offs_m, s_ot, q_len, acc / l_safe[:, None], 0, DVP, DV)
+        lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
+        lse_ptr = LSE + (z * tl.num_programs(1) + h) * T_Q + start
+        tl.store(lse_ptr + offs_m, lse, mask=offs_m < q_len)
+
+    @triton.jit
+    def _attn_bwd_delta_kernel(O, DO, DELTA, s_oz, s_ot, s_oh, s_dz, s_dt, s_dh, T,
+                               DV: tl.constexpr, DVP: tl.constexpr, BLOCK_M: tl.constexpr):
+        # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij: the softmax backward's row term
+        h, z = tl.program_id(1), tl.program_id(2).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        o = _tile(O + z * s_oz + h * s_oh, offs_m, s_ot, T, 0, DVP, DV, False).to(tl.float32)
+        do = _tile(DO + z * s_dz + h * s_dh, offs_m, s_dt, T, 0, DVP, DV, False).to(tl.float32)
+        tl.store(DELTA + (z * tl.num_programs(1) + h) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+    @triton.jit
+    def _dkdv_loop(dk0, dk1, dv, k0, k1, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qt, s_dot, lo, hi, offs_n,
+                   q_len, offset, scale_log2, MASK: tl.constexpr, DQK: tl.constexpr, D0: tl.constexpr,
+                   D1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_M: tl.constexpr,
+                   PREC: tl.constexpr):
+        # everything transposed (keys along rows), so that P^T and dS^T feed dV = P^T dO and dK = dS^T Q
+        # directly. Keys past the end need no mask: they only touch their own rows of dK/dV, never stored.
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            qt0 = _tile(q_ptr, offs_m, s_qt, q_len, 0, D0, DQK, True)  # (D0, BLOCK_M)
+            st = tl.dot(k0, qt0, input_precision=PREC)  # (BLOCK_N, BLOCK_M)
+            qt1 = qt0
+            if D1 > 0:
+                qt1 = _tile(q_ptr, offs_m, s_qt, q_len, D0, D1, DQK, True)
+                st = tl.dot(k1, qt1, st, input_precision=PREC)
+            st = st * scale_log2
+            if MASK:  # causal
+                st = tl.where(offs_m[None, :] + offset >= offs_n[:, None], st, float("-inf"))
+            # rows past the end load LSE = +inf: their P is 0
+            lse = tl.load(lse_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
+            pt = tl.math.exp2(st - lse[None, :])
+            do = _tile(do_ptr, offs_m, s_dot, q_len, 0, DVP, DV, False)  # (BLOCK_M, DVP)
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)  # dP^T = V dO^T
+            delta = tl.load(delta_ptr + offs_m, mask=offs_m < q_len, other=0.0)
+            dst = (pt * (dpt - delta[None, :])).to(qt0.dtype)  # dS = P * (dP - delta)
+            dk0 = tl.dot(dst, tl.trans(qt0), dk0, input_precision=PREC)
+            if D1 > 0:
+                dk1 = tl.dot(dst, tl.trans(qt1), dk1, input_precision=PREC)
+        return dk0, dk1, dv
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, LSE, DELTA, CU, TILES,
+                              s_qz, s_qt, s_qh, s_kz, s_kt, s_kh, s_vz, s_vt, s_vh, s_doz, s_dot, s_doh,
+                              s_dkz, s_dkt, s_dkh, s_dvz, s_dvt, s_dvh,
+                              T_Q, T_K, GROUP, N_HEAD, scale, scale_log2, T_BUCKET,
+                              CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DQK: tl.constexpr, D0: tl.constexpr,
+                              D1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PREC: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        doc, z, blk, start, q_len, k_len = _program_tile(CU, TILES, T_Q, T_K, VARLEN, False)
+        if doc < 0:
+            return
+        hk = tl.program_id(1)
+        z, start = z.to(tl.int64), start.to(tl.int64)
+        k_ptr = K + z * s_kz + start * s_kt + hk * s_kh
+        v_ptr = V + z * s_vz + start * s_vt + hk * s_vh
+        start_n = blk * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # load k and v: they stay on chip while every query block that sees them streams past
+        k0 = _tile(k_ptr, offs_n, s_kt, k_len, 0, D0, DQK, False)
+        k1 = k0
+        if D1 > 0:
+            k1 = _tile(k_ptr, offs_n, s_kt, k_len, D0, D1, DQK, False)
+        v = _tile(v_ptr, offs_n, s_vt, k_len, 0, DVP, DV, False)
+        dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+        dk1 = dk0
+        if D1 > 0:
+            dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+        dv = tl.zeros([BLOCK_N, DVP], tl.float32)
+        # causal: rows [lo, mid) see part of this key block (mask), rows [mid, q_len) all of it
+        offset = k_len - q_len
+        lo = 0
+        mid = 0
+        if CAUSAL:
+            lo = tl.minimum(tl.maximum(start_n - offset, 0), q_len) // BLOCK_M * BLOCK_M
+            mid = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), q_len), BLOCK_M) * BLOCK_M
+        for g in range(GROUP):  # the query heads that share this KV head
+            h = hk * GROUP + g
+            q_ptr = Q + z * s_qz + start * s_qt + h * s_qh
+            do_ptr = DO + z * s_doz + start * s_dot + h * s_doh
+            lse_ptr = LSE + (z * N_HEAD + h) * T_Q + start
+            delta_ptr = DELTA + (z * N_HEAD + h) * T_Q + start
+            dk0, dk1, dv = _dkdv_loop(dk0, dk1, dv, k0, k1, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qt, s_dot,
+                                      lo, mid, offs_n, q_len, offset, scale_log2, True, DQK, D0, D1, DV, DVP,
+                                      BLOCK_M, PREC)
+            dk0, dk1, dv = _dkdv_loop(dk0, dk1, dv, k0, k1, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qt, s_dot,
+                                      mid, q_len, offs_n, q_len, offset, scale_log2, False, DQK, D0, D1, DV,
+                                      DVP, BLOCK_M, PREC)
+        dk_ptr = DK + z * s_dkz + start * s_dkt + hk * s_dkh
+        _store_tile(dk_ptr, offs_n, s_dkt, k_len, dk0 * scale, 0, D0, DQK)  # dS/dK = scale * dS Q
+        if D1 > 0:
+            _store_tile(dk_ptr, offs_n, s_dkt, k_len, dk1 * scale, D0, D1, DQK)
+        _store_tile(DV_ + z * s_dvz + start * s_dvt + hk * s_dvh, offs_n, s_dvt, k_len, dv, 0, DVP, DV)
+
+    @triton.jit
+    def _dq_loop(dq0, dq1, q0, q1, do, lse, delta, k_ptr, v_ptr, s_kt, s_vt, lo, hi, offs_m, k_len, offset,
+                 scale_log2, MASK: tl.constexpr, CAUSAL: tl.constexpr, DQK: tl.constexpr, D0: tl.constexpr,
+                 D1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PREC: tl.constexpr):
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kt0 = _tile(k_ptr, offs_n, s_kt, k_len, 0, D0, DQK, True)  # (D0, BLOCK_N)
+            s = tl.dot(q0, kt0, input_precision=PREC)
+            kt1 = kt0
+            if D1 > 0:
+                kt1 = _tile(k_ptr, offs_n, s_kt, k_len, D0, D1, DQK, True)
+                s = tl.dot(q1, kt1, s, input_precision=PREC)
+            s = s * scale_log2
+            if MASK:  # keys past the end (their P would multiply zeros, but could overflow to inf first)
+                keep = offs_n[None, :] < k_len
+                if CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
+                s = tl.where(keep, s, float("-inf"))
+            p = tl.math.exp2(s - lse[:, None])
+            dp = tl.dot(do, _tile(v_ptr, offs_n, s_vt, k_len, 0, DVP, DV, True), input_precision=PREC)
+            ds = (p * (dp - delta[:, None])).to(kt0.dtype)
+            dq0 = tl.dot(ds, tl.trans(kt0), dq0, input_precision=PREC)
+            if D1 > 0:
+                dq1 = tl.dot(ds, tl.trans(kt1), dq1, input_precision=PREC)
+        return dq0, dq1
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, TILES,
+                            s_qz, s_qt, s_qh, s_kz, s_kt, s_kh, s_vz, s_vt, s_vh, s_doz, s_dot, s_doh,
+                            s_dqz, s_dqt, s_dqh, T_Q, T_K, GROUP, scale, scale_log2, T_BUCKET,
+                            CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DQK: tl.constexpr, D0: tl.constexpr,
+                            D1: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, PREC: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        doc, z, blk, start, q_len, k_len = _program_tile(CU, TILES, T_Q, T_K, VARLEN, CAUSAL)
+        if doc < 0:
+            return
+        h = tl.program_id(1)
+        hk = h // GROUP
+        z, start = z.to(tl.int64), start.to(tl.int64)
+        lse_ptr = LSE + (z * tl.num_programs(1) + h) * T_Q + start
+        delta_ptr = DELTA + (z * tl.num_programs(1) + h) * T_Q + start
+        q_ptr = Q + z * s_qz + start * s_qt + h * s_qh
+        k_ptr = K + z * s_kz + start * s_kt + hk * s_kh
+        v_ptr = V + z * s_vz + start * s_vt + hk * s_vh
+        start_m = blk * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q0 = _tile(q_ptr, offs_m, s_qt, q_len, 0, D0, DQK, False)
+        q1 = q0
+        dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
+        dq1 = dq0
+        if D1 > 0:
+            q1 = _tile(q_ptr, offs_m, s_qt, q_len, D0, D1, DQK, False)
+            dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
+        do = _tile(DO + z * s_doz + start * s_dot + h * s_doh, offs_m, s_dot, q_len, 0, DVP, DV, False)
+        lse = tl.load(lse_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
+        delta = tl.load(delta_ptr + offs_m, mask=offs_m < q_len, other=0.0)
+        offset = k_len - q_len  # the same block split as the forward
+        if CAUSAL:
+            hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), k_len)
+            mid = tl.minimum(tl.maximum(start_m + 1 + offset, 0), k_len) // BLOCK_N * BLOCK_N
+        else:
+            hi = k_len
+            mid = k_len // BLOCK_N * BLOCK_N
+        dq0, dq1 = _dq_loop(dq0, dq1, q0, q1, do, lse, delta, k_ptr, v_ptr, s_kt, s_vt, 0, mid, offs_m,
+                            k_len, offset, scale_log2, False, CAUSAL, DQK, D0, D1, DV, DVP, BLOCK_N, PREC)
+        dq0, dq1 = _dq_loop(dq0, dq1, q0, q1, do, lse, delta, k_ptr, v_ptr, s_kt, s_vt, mid, hi, offs_m,
+                            k_len, offset, scale_log2, True, CAUSAL, DQK, D0, D1, DV, DVP, BLOCK_N, PREC)
+        dq_ptr = DQ + z * s_dqz + start * s_dqt + h * s_dqh
+        _store_tile(dq_ptr, offs_m, s_dqt, q_len, dq0 * scale, 0, D0, DQK)
+        if D1 > 0:
+            _store_tile(dq_ptr, offs_m, s_dqt, q_len, dq1 * scale, D0, D1, DQK)
+
+    # Autotuning. A program's own block (BLOCK_M of the forward and dQ, BLOCK_N of dK/dV) is chosen on the
+    # host by head dim, as FlashAttention-2 does, because the varlen tile table is built for it; the
+    # streamed block and the pipeline depth are tuned per (head dims, causal, layout, seqlen bucket). The
+    # space is small on purpose (every config of every head-dim/causal/layout/dtype combination compiles
+    # once): compiled for sm_90 with Triton 3.9, 4 warps spilled registers on the 128-row tiles and 8
+    # warps did not (or barely), so only 8. keep() drops pipelines that overflow shared memory; when none
+    # fits (fp32 at head dim 256) a minimal config runs.
+    def _smem_limit():  # per block, opt-in (H100: 227 KB); read once per tuning key
+        props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+        return props["max_shared_mem"]
+
+    def _tuned(name, sizes, resident_v):
+        if INTERPRET:  # one small fixed config (passed at launch): the interpreter is slow
+            return lambda fn: fn
+        configs = [triton.Config({name: b}, num_warps=8, num_stages=s) for b in sizes for s in (2, 3)]
+
+        def keep(c, kw, elt):  # shared memory: the streamed tiles of each stage plus the resident ones
+            own, streamed = kw["BLOCK_N" if name == "BLOCK_M" else "BLOCK_M"], c.kwargs[name]
+            dqk, dv = kw["D0"] + kw["D1"], kw["DVP"]
+            smem = elt * (c.num_stages * streamed * (dqk + dv) + own * (dqk + dv * resident_v)) + 1024
+            return smem <= _smem_limit()
+
+        def prune(configs, named_args, **kw):
+            kept = [c for c in configs if keep(c, kw, named_args["Q"].element_size())]
+            return kept or [triton.Config({name: 16}, num_warps=4, num_stages=1)]
+
+        return triton.autotune(configs, key=["DQK", "DV", "CAUSAL", "VARLEN", "T_BUCKET"],
+                               prune_configs_by={"early_config_prune": prune})
+
+    _attn_fwd = _tuned("BLOCK_N", (64, 128), resident_v=0)(_attn_fwd_kernel)  # q resident
+    _attn_bwd_dkdv = _tuned("BLOCK_M", (32, 64), resident_v=1)(_attn_bwd_dkdv_kernel)  # k, v resident
+    _attn_bwd_dq = _tuned("BLOCK_N", (32, 64), resident_v=1)(_attn_bwd_dq_kernel)  # q, dO resident
+
+
+_LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * _LOG2E)
+
+
+def _own_block(kernel, dqk, dv):
+    """The block a program owns: query rows of the forward and dQ ("q"), keys of dK/dV ("kv"). dK/dV
+    keeps two fp32 accumulators (own x Dqk and own x Dv) in registers, hence its smaller blocks."""
+    if INTERPRET:
+        return 32
+    if kernel == "q":
+        return 128 if dqk <= 192 else 64
+    return 128 if dqk + dv <= 128 else 64 if dqk <= 192 else 32
+
+
+def _streamed(**block):
+    """Under the interpreter: the streamed block, fixed (and unequal to the owned one, so that the masks
+    of misaligned blocks are exercised). On a GPU the autotuner picks it."""
+    return block if INTERPRET else {}
+
+
+def _split_dim(d):
+    """Head dim -> (D0, D1): power-of-two chunks, each >= 16 (tl.dot's minimum), covering d."""
+    d0 = max(16, 1 << (d.bit_length() - 1))
+    rest = d - d0
+    return d0, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+
+
+def _varlen_tiles(cu, total, block, work_of):
+    """Work list of a varlen launch: one (document, block) pair per `block`-token tile of each document,
+    int32 (n, 2), built on the device without a host sync. Its length is the bound total // block + N;
+    the unused tail holds document -1 (the program returns). Tiles are sorted by decreasing work
+    (work_of(blk, nblk), in key or query blocks), so the longest programs start first."""
+    cu = cu.long()
+    n_doc = cu.numel() - 1
+    nblk = (cu[1:] - cu[:-1] + block - 1) // block  # tiles per document
+    ends = nblk.cumsum(0)
+    i = torch.arange(total // block + n_doc, device=cu.device)
+    doc = torch.searchsorted(ends, i, right=True)  # tile i belongs to the first document ending after it
+    used = doc < n_doc
+    doc = doc.clamp(max=n_doc - 1)
+    blk = i - (ends - nblk)[doc]
+    order = torch.argsort(torch.where(used, work_of(blk, nblk[doc]), -1), descending=True, stable=True)
+    return torch.stack((torch.where(used, doc, -1), blk), 1)[order].int().contiguous()
+
+
+def _layout(x, varlen):
+    """(batch, token, head) strides: varlen tensors (total, H, D) are one batch row."""
+    return (0, *x.stride()[:2]) if varlen else x.stride()[:3]
+
+
+def _attn_shape(q, k, v, cu_seqlens, max_seqlen):
+    varlen = cu_seqlens is not None
+    Z, T_Q, T_K = (1, q.shape[0], k.shape[0]) if varlen else (q.shape[0], q.shape[1], k.shape[1])
+    seq = (max_seqlen or T_Q) if varlen else max(T_Q, T_K)
+    d0, d1 = _split_dim(q.shape[-1])
+    meta = dict(VARLEN=varlen, DQK=q.shape[-1], D0=d0, D1=d1, DV=v.shape[-1],
+                DVP=max(16, triton.next_power_of_2(v.shape[-1])),
+                PREC="ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+                else "tf32")
+    return Z, T_Q, T_K, min(max(128, triton.next_power_of_2(seq)), 8192), meta
+
+
+def _flash_fwd(q, k, v, causal, scale, cu_seqlens, max_seqlen):
+    varlen = cu_seqlens is not None
+    Z, T_Q, T_K, bucket, meta = _attn_shape(q, k, v, cu_seqlens, max_seqlen)
+    Hq, G = q.shape[-2], q.shape[-2] // k.shape[-2]
+    o = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = torch.empty(Z, Hq, T_Q, device=q.device, dtype=torch.float32)
+    bm = _own_block("q", q.shape[-1], v.shape[-1])
+    if varlen:
+        tiles = _varlen_tiles(cu_seqlens, T_Q, bm, (lambda b, n: b + 1) if causal else (lambda b, n: n))
+        grid = (tiles.shape[0], Hq, 1)
+    else:
+        tiles = cu_seqlens = o  # unused pointers
+        grid = (triton.cdiv(T_Q, bm), Hq, Z)
+    _attn_fwd[grid](q, k, v, o, lse, cu_seqlens, tiles, *_layout(q, varlen), *_layout(k, varlen),
+                    *_layout(v, varlen), *_layout(o, varlen), T_Q, T_K, G, scale * _LOG2E, bucket,
+                    CAUSAL=causal, BLOCK_M=bm, **meta, **_streamed(BLOCK_N=16))
+    return o, lse
+
+
+def _flash_bwd(do, q, k, v, o, lse, causal, scale, cu_seqlens, max_seqlen):
+    varlen = cu_seqlens is not None
+    Z, T_Q, T_K, bucket, meta = _attn_shape(q, k, v, cu_seqlens, max_seqlen)
+    Hq, Hkv = q.shape[-2], k.shape[-2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    o_strides, do_strides = _layout(o, varlen), _layout(do, varlen)
+    _attn_bwd_delta_kernel[(triton.cdiv(T_Q, 64), Hq, Z)](o, do, delta, *o_strides, *do_strides, T_Q,
+                                                          DV=meta["DV"], DVP=meta["DVP"], BLOCK_M=64)
+    strides = (*_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(do, varlen))
+    bn, bm = _own_block("kv", q.shape[-1], v.shape[-1]), _own_block("q", q.shape[-1], v.shape[-1])
+    if varlen:  # dK/dV tiles: the first key blocks have the most queries; dQ tiles: as the forward
+        kv_tiles = _varlen_tiles(cu_seqlens, T_K, bn, (lambda b, n: n - b) if causal else (lambda b, n: n))
+        q_tiles = _varlen_tiles(cu_seqlens, T_Q, bm, (lambda b, n: b + 1) if causal else (lambda b, n: n))
+        kv_grid, q_grid = (kv_tiles.shape[0], Hkv, 1), (q_tiles.shape[0], Hq, 1)
+    else:
+        kv_tiles = q_tiles = cu_seqlens = dq  # unused pointers
+        kv_grid, q_grid = (triton.cdiv(T_K, bn), Hkv, Z), (triton.cdiv(T_Q, bm), Hq, Z)
+    _attn_bwd_dkdv[kv_grid](q, k, v, do, dk, dv, lse, delta, cu_seqlens, kv_tiles, *strides,
+                            *_layout(dk, varlen), *_layout(dv, varlen), T_Q, T_K, Hq // Hkv, Hq, scale,
+                            scale * _LOG2E, bucket, CAUSAL=causal, BLOCK_N=bn, **meta,
+                            **_streamed(BLOCK_M=16))
+    _attn_bwd_dq[q_grid](q, k, v, do, dq, lse, delta, cu_seqlens, q_tiles, *strides, *_layout(dq, varlen),
+                         T_Q, T_K, Hq // Hkv, scale, scale * _LOG2E, bucket, CAUSAL=causal,
+                         BLOCK_M=bm, **meta, **_streamed(BLOCK_N=16))
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, cu_seqlens, max_seqlen):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        o, lse = _flash_fwd(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.causal, ctx.scale, ctx.max_seqlen = causal, scale, max_seqlen
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, cu_seqlens, ctx.max_seqlen)
+        return dq, dk, dv, None, None, None, None
+
+
+def _use_kernel(q, k, v):
+    if triton is None or FORCE_REFERENCE or q.numel() == 0 or k.shape[-3] == 0:
+        return False
+    if not (q.is_cuda or (INTERPRET and q.device.type == "cpu")):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
+        return False
+    if INTERPRET and q.dtype == torch.bfloat16:  # the interpreter's tl.dot on bf16 is wrong (triton#11584)
+        return False
+    return max(q.shape[-1], v.shape[-1]) <= 256  # larger head dims do not fit on chip: reference
+
+
+# -----------------------------------------------------------------------------
 # Public entry point
 
 def flash_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None):
     """Attention: dense q (B, T, Hq, Dqk), k (B, T, Hkv, Dqk), v (B, T, Hkv, Dv) -> (B, T, Hq, Dv),
     or varlen (total, H, D) with cu_seqlens (N+1,) int32 document boundaries. Hkv divides Hq.
+
+    The Triton kernels above run for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), in fp16,
+    bf16 or fp32, head dims up to 256; anything else, or FORCE_REFERENCE, runs attention_reference.
+    max_seqlen is only a tuning hint here (the kernels read the document lengths from cu_seqlens).
     """
     _check_attention_args(q, k, v, cu_seqlens, max_seqlen)
-    if q.is_cuda and not FORCE_REFERENCE and cu_seqlens is None and q.shape[1] == k.shape[1]:
-        # until the Triton kernel lands: PyTorch's fused SDPA (flash / cuDNN / efficient backends)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=causal, scale=softmax_scale,
-                                           enable_gqa=k.shape[2] != q.shape[2])
-        return y.transpose(1, 2)
-    return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
-                               max_seqlen=max_seqlen)
+    if not _use_kernel(q, k, v):
+        return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+                                   max_seqlen=max_seqlen)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return _FlashAttention.apply(q, k, v, causal, scale, cu_seqlens, max_seqlen)
 
 
 # -----------------------------------------------------------------------------
