@@ -131,7 +131,7 @@ class Attention(nn.Module):
     def setup_cache(self, batch_size, max_len, dtype, device):
         self.cache = KVCache(batch_size, max_len, self.n_kv_head, self.head_dim, self.head_dim, dtype, device)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None):
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None, prefill=False):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -139,10 +139,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # per-head norm before RoPE, as in Qwen3
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if pos is not None:  # decoding: append to the cache and attend over it
+        if pos is not None and not prefill:  # decoding: append to the cache and attend over it
             k, v = self.cache.update(pos, k, v)
             y = cached_attention(q, k, v, pos, 1.0 / math.sqrt(self.head_dim))
         else:
+            if prefill:  # the prompt: fill the cache, attend with the kernel (every row starts at 0)
+                self.cache.update(pos, k, v)
             y = attend(q, k, v, cu_seqlens, max_seqlen, self.impl)
         return self.wo(y.reshape(B, T, -1))
 
@@ -216,7 +218,7 @@ class MLA(nn.Module):
     def setup_cache(self, batch_size, max_len, dtype, device):
         self.cache = LatentCache(batch_size, max_len, self.rank + self.rope, dtype, device)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None):
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None, prefill=False):
         B, T, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora else self.wq(x)
         q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], dim=-1)
@@ -224,9 +226,11 @@ class MLA(nn.Module):
         c, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
         c = self.kv_norm(c)  # (B, T, r)
         k_pe = apply_rope(k_pe[:, :, None], *rope)  # (B, T, 1, rope): one RoPE key for all heads
-        if pos is not None:
+        if pos is not None and not prefill:
             y = self._absorbed(q_nope, q_pe, torch.cat([c, k_pe[:, :, 0]], dim=-1), pos)
         else:
+            if prefill:  # the prompt: cache the latents, attend in the expanded form with the kernel
+                self.cache.update(pos, torch.cat([c, k_pe[:, :, 0]], dim=-1))
             k_nope, v = self.wkv_b(c).view(B, T, self.n_head, -1).split([self.nope, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.expand(B, T, self.n_head, self.rope)], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1)
@@ -286,14 +290,14 @@ class Block(nn.Module):
             self.feed_forward = MLP(config.n_embd, config.intermediate_size)
         self.grad_ckpt = "none"  # set by Transformer.set_grad_ckpt
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None):
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None, prefill=False):
         if self.grad_ckpt == "full" and torch.is_grad_enabled():
             # keep only the block's input; recompute everything inside it during the backward
-            return checkpoint(self._forward, x, rope, cu_seqlens, max_seqlen, pos, use_reentrant=False)
-        return self._forward(x, rope, cu_seqlens, max_seqlen, pos)
+            return checkpoint(self._forward, x, rope, cu_seqlens, max_seqlen, pos, prefill, use_reentrant=False)
+        return self._forward(x, rope, cu_seqlens, max_seqlen, pos, prefill)
 
-    def _forward(self, x, rope, cu_seqlens, max_seqlen, pos):
-        x = x + self.attention(self._norm(self.attention_norm, x), rope, cu_seqlens, max_seqlen, pos)
+    def _forward(self, x, rope, cu_seqlens, max_seqlen, pos, prefill):
+        x = x + self.attention(self._norm(self.attention_norm, x), rope, cu_seqlens, max_seqlen, pos, prefill)
         return x + self.feed_forward(self._norm(self.ffn_norm, x))
 
     def _norm(self, norm, x):
@@ -325,9 +329,9 @@ class MTP(nn.Module):
         self.block = Block(config, layer_id)  # layer_id >= n_layer: a MoE block when the model has experts
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
 
-    def forward(self, h, emb, rope, cu_seqlens=None, max_seqlen=None, pos=None):
+    def forward(self, h, emb, rope, cu_seqlens=None, max_seqlen=None, pos=None, prefill=False):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.norm(self.block(x, rope, cu_seqlens, max_seqlen, pos))
+        return self.norm(self.block(x, rope, cu_seqlens, max_seqlen, pos, prefill))
 
 
 def _shift_left(t, k, fill):
@@ -474,8 +478,10 @@ class Transformer(nn.Module):
         return self._trunk(idx, self._context(idx, cu_seqlens, start_pos))
 
     def _context(self, idx, cu_seqlens, start_pos):
-        """What every block of one forward shares: (rope cos/sin, cu_seqlens, max_seqlen, pos), pos being
-        the (B, T) positions when decoding with a cache, else None."""
+        """What every block of one forward shares: (rope cos/sin, cu_seqlens, max_seqlen, pos, prefill), pos
+        being the (B, T) positions when decoding with a cache, else None; prefill when start_pos is the
+        int 0 (every row's prompt from position 0: causal attention over the new tokens alone, by the
+        attention kernel, while the cache is filled)."""
         B, T = idx.shape
         pos, max_seqlen = None, None
         if start_pos is not None:
@@ -487,7 +493,8 @@ class Transformer(nn.Module):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         else:
             positions = torch.arange(T, device=idx.device).expand(B, T)
-        return rope_cos_sin(positions, self.inv_freq), cu_seqlens, max_seqlen, pos
+        prefill = isinstance(start_pos, int) and start_pos == 0
+        return rope_cos_sin(positions, self.inv_freq), cu_seqlens, max_seqlen, pos, prefill
 
     def _trunk(self, idx, ctx):
         x = self.tok_embeddings(idx)
