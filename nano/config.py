@@ -129,7 +129,7 @@ class TrainConfig:
     eval_steps: int = 10
     ckpt_every: int = 200
     log_every: int = 10
-    sample_every: int = 0  # 0 = only at the end
+    sample_every: int = 500  # print a short sample every this many steps (and at the end); 0 = only at the end
 
     def __post_init__(self):
         _check(self.dtype in ("auto", "bf16", "fp16", "fp32"),

@@ -190,6 +190,7 @@ def test_deepseek_tiny_and_speculative_sampling(corpus, env, tmp_path):
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0
     last = records(ds)[-1]
     assert "loss/mtp" in last and last["moe/max_load"] >= 1.0
+    assert "expert load max/mean" in r.stdout
     vals = records(ds, "val_loss")  # the val loss is the next-token loss alone (no MTP term)
     assert vals[0]["val_loss"] < 1.2 * __import__("math").log(320)
     run("train.py", ["--preset", "draft", *small, "--out-dir", draft, "--max-steps", "5"], env)
