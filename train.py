@@ -82,6 +82,15 @@ def main(argv):
     if world > 1 and master:
         dist.barrier()
     tok = data.tokenizer
+    r = data.report
+    skipped = {k.removeprefix("skipped_"): v for k, v in r.items() if k.startswith("skipped_") and v
+               and isinstance(v, int)}
+    if r.get("bad_lines"):
+        skipped["bad jsonl lines"] = r["bad_lines"]
+    say(f"data: {r['source']}: {r['n_train_docs']:,} train / {r['n_val_docs']:,} val documents, "
+        f"{r['n_train_tokens']:,} train tokens, vocab {tok.vocab_size}"
+        + (f"; skipped: {', '.join(f'{v} {k}' for k, v in skipped.items())}" if skipped else "")
+        + f" ({'prepared' if r.get('cached') is False else 'cached'} in {data.path})")
     if state is not None and tok.state() != state["tokenizer"]:
         raise ValueError("the tokenizer prepared for this data differs from the checkpoint's; resume with "
                          "the same --data and --tokenizer as the original run")

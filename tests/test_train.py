@@ -26,6 +26,7 @@ def corpus(tmp_path_factory):
     for n in names:
         with open(os.path.join(stdlib, n), encoding="utf-8", errors="replace") as f:
             (d / n.replace(".py", ".txt")).write_text(f.read())
+    (d / "image.bin").write_bytes(bytes(range(256)) * 8)  # skipped, and counted in the data line
     return str(d)
 
 
@@ -54,6 +55,7 @@ def test_train_loss_falls_then_sample(corpus, env, tmp_path):
     r = run("train.py", [*SMALL, "--data", corpus, "--out-dir", out, "--max-steps", "40", "--eval-every", "20"],
             env)
     assert "device: cpu" in r.stdout and "fp32" in r.stdout
+    assert "skipped: 1 binary" in r.stdout
     assert "sample:" in r.stdout
     losses = [x["loss"] for x in records(out)]
     assert len(losses) == 40
