@@ -63,6 +63,7 @@ def test_bad_shapes_fail_clearly():
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(ValueError, match="must divide"):
         kernels.attention_reference(q, torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8))
-    with pytest.raises(ValueError, match="cu_seqlens"):
-        kernels.attention_reference(torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8),
-                                    cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+    qkv = torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    for bad in ([0, 4], [1, 5], [0, 4, 3, 5], [5]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            kernels.attention_reference(*qkv, cu_seqlens=torch.tensor(bad, dtype=torch.int32))
