@@ -1,0 +1,22 @@
+"""Every benchmark's --smoke mode runs on a CPU (tiny shapes; it checks the script, measures nothing, and
+writes no results file). bench/train.py and bench/attention.py are smoke-tested beside their own tests."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", ["loss", "moe", "decode", "tokenizer"])
+def test_bench_smoke(name, tmp_path):
+    results = os.path.join(ROOT, "bench", "results")
+    before = set(os.listdir(results)) if os.path.isdir(results) else set()
+    env = dict(os.environ, NANO_CACHE=str(tmp_path))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{name}.py"), "--smoke"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-2500:]
+    assert r.stdout.strip()  # it printed its table
+    after = set(os.listdir(results)) if os.path.isdir(results) else set()
+    assert after == before
