@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse(argv):
-    p = _Parser(description="sample from a nano checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description="sample from a nano checkpoint",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="run directory (with ckpt.pt) or checkpoint file")
     src.add_argument("--hf", help="Hugging Face model directory (config.json + *.safetensors)")

@@ -310,7 +310,8 @@ def main(argv):
             tqdm.write(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
                        f"{tok_s:,.0f} tok/s, MFU {'unknown' if mfu is None else f'{mfu:.1%}'}, "
                        f"mem {mem:.2f} GiB" + (f", skipped steps {skipped}" if scaler.is_enabled() else "")
-                       + (f", expert load max/mean {record['moe/max_load']:.2f}" if "moe/max_load" in record else ""))
+                       + (f", expert load max/mean {record['moe/max_load']:.2f}" if "moe/max_load" in record
+                          else ""))
 
         stop = all_sum(float(bool(stop_signal))) > 0  # every process stops at the same step
         done = step == cfg.max_steps or (cfg.stop_after and step - start_step >= cfg.stop_after)

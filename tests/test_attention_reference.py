@@ -37,7 +37,8 @@ def test_dense(causal, B, T, Hq, Hkv, D, Dv):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("lens,Hq,Hkv,D,Dv", [([1, 5, 3], 4, 2, 8, 8), ([9], 2, 2, 16, 8), ([2, 1, 1, 7, 4], 8, 1, 8, 4)])
+@pytest.mark.parametrize("lens,Hq,Hkv,D,Dv", [([1, 5, 3], 4, 2, 8, 8), ([9], 2, 2, 16, 8),
+                                             ([2, 1, 1, 7, 4], 8, 1, 8, 4)])
 def test_varlen(causal, lens, Hq, Hkv, D, Dv):
     torch.manual_seed(1)
     total = sum(lens)
