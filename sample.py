@@ -13,18 +13,14 @@ import time
 import torch
 
 from nano.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from nano.config import OneLineParser
 from nano.generate import generate, speculative_generate
 from nano.runtime import autocast, pick_device
 from nano.tokenizer import Tokenizer, load_tokenizer
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse(argv):
-    p = _Parser(description="sample from a nano checkpoint",
+    p = OneLineParser(description="sample from a nano checkpoint",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="run directory (with ckpt.pt) or checkpoint file")

@@ -192,7 +192,7 @@ def preset(name, **overrides):
 # -----------------------------------------------------------------------------
 # CLI built from the dataclass fields
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one clear line and exit 2, not a usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -241,7 +241,7 @@ def _metavar(conv):
 
 
 def build_parser(description="nano"):
-    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=None, help=f"named model preset: {', '.join(PRESETS)}")
     for cls in (TrainConfig, ModelConfig):
         group = p.add_argument_group(cls.__name__)
