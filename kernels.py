@@ -771,10 +771,14 @@ def _lce_chunks(h, weight):
     N, V = h.shape[0], weight.shape[0]
     C = _lce_chunk_cols(N, V, h.element_size())
     # rows padded to 64 elements: an odd V (50257) would leave the GEMMs' leading dimension unaligned,
-    # which costs cuBLAS its fastest kernels (nanoGPT pads the vocabulary itself for the same reason)
-    buf = torch.empty(N, -(-C // 64) * 64, dtype=h.dtype, device=h.device)
+    # which costs cuBLAS its fastest kernels (nanoGPT pads the vocabulary itself for the same reason).
+    # The padding must hold zeros, never uninitialised memory: some GEMMs read a row-strided operand up to
+    # its stride and multiply the extra columns by zero (torch 2.13's CPU bf16 mm does), which is harmless
+    # for finite values and turns a whole row into NaN when the bits happen to spell one.
+    buf = torch.zeros(N, -(-C // 64) * 64, dtype=h.dtype, device=h.device)
     for v0 in range(0, V, C):
         v1 = min(v0 + C, V)
+        buf[:, v1 - v0:C].zero_()  # a narrower last chunk: the previous chunk's columns become padding
         x = buf[:, :v1 - v0]
         torch.mm(h, weight[v0:v1].T, out=x)
         yield v0, v1, x
