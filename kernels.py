@@ -85,7 +85,9 @@ def attention_reference(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=
     """Plain-PyTorch attention with the signature of `flash_attention`.
 
     Varlen (cu_seqlens given): documents are gathered into a padded (N, max_seqlen) batch, attended
-    with a key-padding mask, and scattered back; nothing attends across a document boundary.
+    with a key-padding mask, and scattered back; nothing attends across a document boundary. That
+    takes the longest document's length on the host (a sync): the model calls `_rows_reference`
+    instead, which needs none.
     """
     _check_attention_args(q, k, v, cu_seqlens, max_seqlen)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -102,6 +104,19 @@ def attention_reference(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=
     key_mask = valid[:, None, :].expand(N, L, L)
     o = _dense_attention(pad(q), pad(k), pad(v), causal, scale, key_mask)  # (N, L, Hq, Dv)
     return o[valid]  # (total, Hq, Dv), documents back in order
+
+
+def _rows_reference(q, k, v, cu_seqlens, causal, scale, row_len):
+    """Varlen attention when every row of row_len tokens starts at a document boundary (the packed
+    training batch): the tokens are viewed as (total / row_len, row_len) rows and each row gets a
+    block-diagonal (T, T) mask from the document ids. Static shapes, no host sync, and never a
+    (total, total) mask."""
+    B, T = q.shape[0] // row_len, row_len
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+    doc = (torch.searchsorted(cu, torch.arange(B * T, device=q.device), right=True) - 1).view(B, T)
+    same_doc = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
+    rows = lambda x: x.view(B, T, *x.shape[1:])  # noqa: E731
+    return _dense_attention(rows(q), rows(k), rows(v), causal, scale, same_doc).flatten(0, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -556,25 +571,8 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, cu_seqlens, max_seqlen):
     return dq, dk, dv
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, cu_seqlens, max_seqlen):
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        o, lse = _flash_fwd(q, k, v, causal, scale, cu_seqlens, max_seqlen)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.causal, ctx.scale, ctx.max_seqlen = causal, scale, max_seqlen
-        return o
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, cu_seqlens, ctx.max_seqlen)
-        return dq, dk, dv, None, None, None, None
-
-
 def _use_kernel(q, k, v):
+    """Triton or the reference, from what is known while tracing too (device, dtype, shapes)."""
     if triton is None or FORCE_REFERENCE or q.numel() == 0 or k.shape[-3] == 0:
         return False
     if not (q.is_cuda or (INTERPRET and q.device.type == "cpu")):
@@ -584,6 +582,69 @@ def _use_kernel(q, k, v):
     if INTERPRET and q.dtype == torch.bfloat16:  # the interpreter's tl.dot on bf16 is wrong (triton#11584)
         return False
     return max(q.shape[-1], v.shape[-1]) <= 256  # larger head dims do not fit on chip: reference
+
+
+# The kernels as torch.library custom ops: opaque to torch.compile (it calls them, never traces inside),
+# each with a fake implementation (output shapes) and its autograd formula, so a compiled model keeps one
+# graph through the attention. Where the kernels do not run, `attention` runs the PyTorch reference as
+# plain ops, which torch.compile traces like the rest of the model.
+
+@torch.library.custom_op("nano::flash_attn", mutates_args=())
+def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, causal: bool,
+                scale: float, max_seqlen: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return _flash_fwd(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+
+
+@_flash_attn.register_fake
+def _(q, k, v, cu_seqlens, causal, scale, max_seqlen):
+    Z, T = (1, q.shape[0]) if cu_seqlens is not None else q.shape[:2]
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(Z, q.shape[-2], T, dtype=torch.float32)
+
+
+@torch.library.custom_op("nano::flash_attn_backward", mutates_args=())
+def _flash_attn_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor, cu_seqlens: torch.Tensor | None, causal: bool, scale: float,
+                         max_seqlen: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return _flash_bwd(do, q, k, v, o, lse, causal, scale, cu_seqlens, max_seqlen)
+
+
+@_flash_attn_backward.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, causal, scale, max_seqlen):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_attn_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, causal, scale, max_seqlen = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens)  # output: (o, lse)
+    ctx.args = causal, scale, max_seqlen
+
+
+def _flash_attn_grad(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_backward(do, q, k, v, o, lse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
+
+
+def attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_seqlen=None, row_len=0):
+    """flash_attention without the argument checks, for callers that checked their arguments once (the
+    model checks cu_seqlens once per batch). row_len > 0 promises that every row_len-token row starts at
+    a document boundary (the packed training batch): the reference then needs no host sync."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if _use_kernel(q, k, v):
+        if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
+            cu_seqlens = cu_seqlens.to(torch.int32)
+        return _flash_attn(q, k, v, cu_seqlens, causal, scale, max_seqlen)[0]
+    if cu_seqlens is None:
+        return _dense_attention(q, k, v, causal, scale)
+    if row_len:
+        return _rows_reference(q, k, v, cu_seqlens, causal, scale, row_len)
+    return attention_reference(q, k, v, causal=causal, softmax_scale=scale, cu_seqlens=cu_seqlens)
 
 
 # -----------------------------------------------------------------------------
@@ -596,15 +657,14 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None
     The Triton kernels above run for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), in fp16,
     bf16 or fp32, head dims up to 256; anything else, or FORCE_REFERENCE, runs attention_reference.
     max_seqlen is only a tuning hint here (the kernels read the document lengths from cu_seqlens).
+    The arguments are checked (a host read of cu_seqlens) except while torch.compile traces.
     """
-    _check_attention_args(q, k, v, cu_seqlens, max_seqlen)
-    if not _use_kernel(q, k, v):
-        return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
-                                   max_seqlen=max_seqlen)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not torch.compiler.is_compiling():
+        _check_attention_args(q, k, v, cu_seqlens, max_seqlen)
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    return _FlashAttention.apply(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+        cu_seqlens = cu_seqlens.to(q.device)
+    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+                     max_seqlen=max_seqlen)
 
 
 # -----------------------------------------------------------------------------
@@ -829,24 +889,54 @@ def _lce_backward(h, weight, targets, lse, gscale, ignore_index, scale, need_dh,
     return (dh.to(h.dtype) if need_dh else None), dw
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, scale):
-        loss, lse, n_valid = _lce_forward(h, weight, targets, ignore_index, scale)
-        ctx.save_for_backward(h, weight, targets, lse, n_valid)  # the inputs and (N,) floats: no logits
-        ctx.ignore_index, ctx.scale = ignore_index, scale
-        return loss
+# The op: (loss, lse, n_valid), and its backward as a second op (see flash attention's ops above).
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dloss):
-        h, weight, targets, lse, n_valid = ctx.saved_tensors
-        # every factor of d loss / d logit but (softmax - onehot), kept on the device. An all-ignored
-        # batch has zero gradients, as in torch: every row is masked to 0; the clamp keeps gscale finite
-        gscale = dloss.float() * ctx.scale / n_valid.clamp(min=1)
-        need_dh, need_dw = ctx.needs_input_grad[:2]
-        dh, dw = _lce_backward(h, weight, targets, lse, gscale, ctx.ignore_index, ctx.scale, need_dh, need_dw)
-        return dh, dw, None, None, None
+@torch.library.custom_op("nano::linear_ce", mutates_args=())
+def _linear_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(h.device.type, enabled=False):  # the chunk GEMMs run in the dtype of h and weight
+        return _lce_forward(h, weight, targets.contiguous(), ignore_index, scale)
+
+
+@_linear_ce.register_fake
+def _(h, weight, targets, ignore_index, scale):
+    f32 = dict(dtype=torch.float32)
+    return h.new_empty((), **f32), h.new_empty(h.shape[0], **f32), h.new_empty((), **f32)
+
+
+@torch.library.custom_op("nano::linear_ce_backward", mutates_args=())
+def _linear_ce_backward(dloss: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        lse: torch.Tensor, n_valid: torch.Tensor, ignore_index: int, scale: float, need_dh: bool,
+                        need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # every factor of d loss / d logit but (softmax - onehot), kept on the device. An all-ignored
+    # batch has zero gradients, as in torch: every row is masked to 0; the clamp keeps gscale finite
+    gscale = dloss.float() * scale / n_valid.clamp(min=1)
+    with torch.autocast(h.device.type, enabled=False):
+        dh, dw = _lce_backward(h, weight, targets.contiguous(), lse, gscale, ignore_index, scale, need_dh,
+                               need_dw)
+    return (dh if need_dh else h.new_empty(0)), (dw if need_dw else weight.new_empty(0))  # ops return tensors
+
+
+@_linear_ce_backward.register_fake
+def _(dloss, h, weight, targets, lse, n_valid, ignore_index, scale, need_dh, need_dw):
+    return (torch.empty_like(h) if need_dh else h.new_empty(0)), \
+        (torch.empty_like(weight) if need_dw else weight.new_empty(0))
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    h, weight, targets, ignore_index, scale = inputs
+    ctx.save_for_backward(h, weight, targets, output[1], output[2])  # the inputs and (N,) floats: no logits
+    ctx.args = ignore_index, scale
+
+
+def _linear_ce_grad(ctx, dloss, _dlse, _dn):
+    h, weight, targets, lse, n_valid = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[:2]
+    dh, dw = _linear_ce_backward(dloss, h, weight, targets, lse, n_valid, *ctx.args, need_dh, need_dw)
+    return (dh if need_dh else None), (dw if need_dw else None), None, None, None
+
+
+_linear_ce.register_autograd(_linear_ce_grad, setup_context=_linear_ce_setup)
 
 
 def _lce_use_triton(h):
@@ -862,9 +952,10 @@ def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, softmax_scale
     softmax_scale multiplies the logits before the softmax. Every target ignored: NaN loss and zero
     gradients (torch's mean over no elements). Under torch.autocast, h and weight are cast to the
     autocast dtype first, as F.linear would be. A target outside [0, V) gives a NaN loss on the fast
-    path (eager PyTorch raises or asserts).
+    path (eager PyTorch raises or asserts). The arguments are checked except while torch.compile traces.
     """
-    _check_lce_args(h, weight, targets)
+    if not torch.compiler.is_compiling():
+        _check_lce_args(h, weight, targets)
     if not _lce_use_triton(h):
         return linear_cross_entropy_reference(h, weight, targets, ignore_index=ignore_index,
                                               softmax_scale=softmax_scale)
@@ -876,10 +967,4 @@ def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, softmax_scale
         raise ValueError(f"linear_cross_entropy: h is {h.dtype} but weight is {weight.dtype}; cast one or "
                          "run under torch.autocast")
     scale = 1.0 if softmax_scale is None else float(softmax_scale)
-    return _linear_cross_entropy_fused(h, weight, targets, ignore_index, scale)
-
-
-@torch.compiler.disable  # torch.compile'd models break the graph here rather than trace the chunk loop
-def _linear_cross_entropy_fused(h, weight, targets, ignore_index, scale):
-    with torch.autocast(h.device.type, enabled=False):  # the chunk GEMMs run in the dtype chosen above
-        return _LinearCrossEntropy.apply(h, weight, targets.contiguous(), ignore_index, scale)
+    return _linear_ce(h, weight, targets, ignore_index, scale)[0]

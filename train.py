@@ -122,7 +122,10 @@ def main(argv):
         fully_shard(raw_model, mp_policy=mp)
         model = raw_model
     elif world > 1:
-        model = ddp_model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None)
+        # no buffer broadcast: the MoE load counters are per rank (summed at each bias update), and the
+        # other buffers (RoPE tables, expert biases) are equal on every rank by construction
+        model = ddp_model = DDP(raw_model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                broadcast_buffers=False)
     else:
         model = raw_model
     compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
@@ -136,12 +139,11 @@ def main(argv):
         elif world > 1:
             raw_model.set_requires_gradient_sync(on)
 
-    def all_sum(value):
-        if world == 1:
-            return value
-        t = torch.tensor(value, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.item()
+    def all_sum(t):
+        """Sum a device tensor over the processes; no host read."""
+        if world > 1:
+            dist.all_reduce(t)
+        return t
 
     # -------------------------------------------------------------------------
     # optimizer: AdamW; no weight decay on norms, biases and embeddings
@@ -213,16 +215,16 @@ def main(argv):
     def evaluate():
         model.eval()
         val = PackedLoader(data.val, rows, cfg.seq_len, rank=rank, world_size=world)  # same batches each time
-        loss_sum = count = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * targets, targets)
         for _ in range(cfg.eval_steps):
             x, y, cu = batch_to(val.next_batch())
-            n = (y != -100).sum().item()
+            n = (y != -100).sum()
             with autocast(device, dtype):
                 model(x, y, cu_seqlens=cu)
-            loss_sum += raw_model.loss_terms["lm"].item() * n  # next-token loss only, without MTP/balance
-            count += n
+            sums += torch.stack([raw_model.loss_terms["lm"] * n, n])  # next-token loss only, no MTP/balance
         model.train()
-        loss = all_sum(loss_sum) / all_sum(count)
+        loss_sum, count = all_sum(sums).tolist()  # the one host read of the evaluation
+        loss = loss_sum / count
         return loss, loss / math.log(2) / data.bytes_per_token  # bits per byte compare across tokenizers
 
     def show_sample(n=48):
@@ -245,40 +247,51 @@ def main(argv):
     model.train()
     start_step, skipped = step, 0
     pbar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not master)
+    t_read = time.perf_counter()  # the last host read (see tok_s below)
     while step < cfg.max_steps:
         if step % cfg.eval_every == 0:
             val_loss, val_bpb = evaluate()
             if master:
                 tqdm.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
             log({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+            t_read = time.perf_counter()  # the step's interval starts after the evaluation
         if cfg.sample_every and step % cfg.sample_every == 0 and step > start_step:
             show_sample()
+            t_read = time.perf_counter()
 
-        t0 = time.perf_counter()
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Weight each micro-batch by its share of the step's (global) non-ignored targets, so the
         # gradient is that of the mean over all of them: independent of how rows are split into
         # micro-steps and processes (DDP/FSDP average over processes, hence the factor `world`).
+        # Everything stays on the device: no host sync until the step's one read below.
         batches = [batch_to(loader.next_batch()) for _ in range(cfg.grad_accum)]
-        counts = [(y != -100).sum().item() for _, y, _ in batches]
-        total = max(all_sum(sum(counts)), 1)
-        loss_sum = 0.0
+        counts = torch.stack([(y != -100).sum() for _, y, _ in batches]).double()
+        total = all_sum(counts.sum()).clamp(min=1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, (x, y, cu) in enumerate(batches):
             grad_sync(i == cfg.grad_accum - 1)
             with autocast(device, dtype):
                 _, loss = model(x, y, cu_seqlens=cu)
-            scaler.scale(loss * (counts[i] * world / total)).backward()
-            loss_sum += loss.item() * counts[i]
-        loss_value = all_sum(loss_sum) / total
+            scaler.scale(loss * (counts[i] * world / total).float()).backward()
+            loss_sum += loss.detach() * counts[i]
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+        # the step's one host read: every logged scalar and the stop flag, in one vector
+        stop_flag = torch.tensor(float(bool(stop_signal)), dtype=torch.float64, device=device)
+        shared = all_sum(torch.stack([loss_sum, stop_flag]))  # one collective for both
+        extra = {f"loss/{k}": v for k, v in raw_model.loss_terms.items()} if len(raw_model.loss_terms) > 1 else {}
+        extra.update(raw_model.moe_stats())  # the loads that update_moe_bias is about to use
+        values = torch.stack([shared[0] / total, grad_norm.double(), shared[1]]
+                             + [v.double() for v in extra.values()]).tolist()
+        loss_value, grad_norm, stop = values[0], values[1], values[2] > 0
+        extra = dict(zip(extra, values[3:]))
         if not math.isfinite(loss_value):
             last = f"the last good checkpoint is {ckpt_file}" if os.path.exists(ckpt_file) else "no checkpoint yet"
             raise FloatingPointError(f"loss is {loss_value} at step {step}: stopping ({last}); try a lower --lr, "
                                      "--dtype bf16/fp32, or a smaller --grad-clip")
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         scale_before = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
@@ -288,9 +301,10 @@ def main(argv):
         raw_model.update_moe_bias()  # aux-loss-free MoE balancing; a no-op for dense models
         step += 1
 
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        # throughput from one host read to the next: each interval holds one whole step of device work
+        # once the queue is in its steady state (no torch.cuda.synchronize(), which would drain it)
+        now = time.perf_counter()
+        dt, t_read = now - t_read, now
         tok_s = tokens_per_step / dt
         mfu = flops_token * tok_s / (peak * world) if peak else None
         mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
@@ -299,9 +313,7 @@ def main(argv):
                   "mfu": mfu, "mem_gib": mem, "packing": loader.efficiency}
         if scaler.is_enabled():
             record["skipped_steps"] = skipped
-        if len(raw_model.loss_terms) > 1:  # MTP / balance terms of the last micro-step, beside the total
-            record.update({f"loss/{k}": v.item() for k, v in raw_model.loss_terms.items()})
-        record.update(raw_model.moe_stats())
+        record.update(extra)  # MTP / balance terms of the last micro-step, MoE expert loads
         log(record)
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}",
@@ -313,10 +325,10 @@ def main(argv):
                        + (f", expert load max/mean {record['moe/max_load']:.2f}" if "moe/max_load" in record
                           else ""))
 
-        stop = all_sum(float(bool(stop_signal))) > 0  # every process stops at the same step
         done = step == cfg.max_steps or (cfg.stop_after and step - start_step >= cfg.stop_after)
         if step % cfg.ckpt_every == 0 or done or stop:
             checkpoint()
+            t_read = time.perf_counter()
         if stop:
             say(f"signal received: checkpoint saved to {ckpt_file} at step {step}; continue with --resume")
             break

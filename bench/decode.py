@@ -111,7 +111,7 @@ def plain_decode(model, mode, prompt_len, n_tokens, device):
     try:
         def run(n):
             with torch.no_grad():
-                model(prompt, start_pos=0)  # prefill (eager: not what is timed)
+                model(prompt, prefill=True)  # prefill (eager: not what is timed)
                 token = prompt[:, -1:]
                 pos = torch.full((1,), prompt_len - 1, device=device)
                 out = []

@@ -48,6 +48,7 @@ def build(shape, device, dtype, seed=0):
 def fwd_bwd(module, x, grad):
     x = x.detach().requires_grad_()
     y = module(x)
+    y = y[0] if isinstance(y, tuple) else y  # MoE: (y, routing record)
     y.backward(grad)
     return y.detach(), x.grad
 
@@ -109,7 +110,7 @@ def run_shape(shape, args, device, dtype):
         t = timed(lambda: fwd_bwd(moe, x, grad), args.iters, args.warmup, device)
         rows.append({"shape": name, "impl": f"MoE {impl}", "ms": t * 1e3, "tok_per_s": N / t,
                      "vs_dense": t_dense / t, **checks[impl]})
-    load = moe.last_load
+    load = moe(x)[1].load
     meta = {"shape": name, "n_embd": D, "n_routed_experts": E, "top_k": k, "expert_hidden": H,
             "n_shared_experts": shape[5], "n_group": shape[6], "topk_group": shape[7], "tokens": N,
             "dense_hidden": H * (shape[5] + k), "max_over_mean_load": (load.max() / load.mean()).item()}

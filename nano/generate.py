@@ -39,7 +39,7 @@ def make_generator(seed, device):
 
 def prefill(model, idx):
     """Run the prompt (B, T) through the model, filling its KV cache; logits of the last position."""
-    logits, _ = model(idx, start_pos=0)
+    logits, _ = model(idx, prefill=True)
     return logits[:, -1]
 
 
@@ -103,7 +103,7 @@ class _DraftModel:
 
     def start(self, idx, max_len):
         self.model.setup_cache(idx.shape[0], max_len)
-        self.model(idx, start_pos=0)  # fill the draft's cache with the prompt
+        self.model(idx, prefill=True)  # fill the draft's cache with the prompt
 
     def observe(self, h, start):
         pass
@@ -232,11 +232,12 @@ def _proposer(model, draft, k):
     return _DraftModel(draft, k)
 
 
-def _target(model, tokens, start, keep_hidden):
-    """Logits of the target, and its final hidden states when an MTP proposer needs them."""
+def _target(model, tokens, keep_hidden, **mode):
+    """Logits of the target, and its final hidden states when an MTP proposer needs them. mode:
+    prefill=True or start_pos=..., as Transformer.forward takes them."""
     if not keep_hidden:
-        return model(tokens, start_pos=start)[0], None
-    h = model.hidden_states(tokens, start_pos=start)
+        return model(tokens, **mode)[0], None
+    h = model.hidden_states(tokens, **mode)
     return model.output(h), h
 
 
@@ -264,7 +265,7 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
     model.setup_cache(B, max_len)
     try:
         proposer.start(idx, max_len)
-        logits, h = _target(model, idx, 0, proposer.wants_hidden)
+        logits, h = _target(model, idx, proposer.wants_hidden, prefill=True)
         pos = torch.full((B,), T, device=dev)  # each row's last token, not yet in the target's cache
         if h is not None:
             proposer.observe(h, pos - T)
@@ -279,7 +280,7 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
             pos = pos.clamp(max=last)
             d, q = proposer.propose(out, pos, k, to_probs, gen)  # (B, k), (B, k, V)
             block = torch.cat([out[rows, pos][:, None], d], dim=1)  # (B, k + 1)
-            logits, h = _target(model, block, pos, proposer.wants_hidden)
+            logits, h = _target(model, block, proposer.wants_hidden, start_pos=pos)
             p = to_probs(logits)  # (B, k + 1, V)
             p_x = p[:, :k].gather(-1, d[..., None])[..., 0]
             q_x = q.gather(-1, d[..., None])[..., 0]

@@ -10,15 +10,18 @@ of DeepSeek's own inference code (attention.wq_a/q_norm/wq_b/wkv_a/kv_norm/wkv_b
 layout of Hugging Face checkpoints; convert.py permutes interleaved (Meta, DeepSeek) q/k weights into it.
 """
 import math
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import kernels
+from nano import moe
 from nano.config import ModelConfig
-from nano.moe import MoE, all_reduce_loads
+from nano.moe import MoE, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -77,6 +80,41 @@ def positions_from_cu_seqlens(cu_seqlens, total):
     return idx - cu_seqlens.to(torch.int64)[doc]
 
 
+def check_cu_seqlens(cu_seqlens, B, T):
+    """One-line errors for document boundaries that break forward's contract. Reads host memory only:
+    a CUDA tensor is not checked (that would be a device sync; train.py's loader builds it correct)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.is_cuda:
+        return
+    cu = cu_seqlens.numpy()
+    if not (len(cu) >= 2 and cu[0] == 0 and cu[-1] == B * T and (cu[1:] >= cu[:-1]).all()):
+        raise ValueError(f"cu_seqlens must be non-decreasing from 0 to B*T = {B * T}, got "
+                         f"{cu[:8].tolist()}{'...' if len(cu) > 8 else ''}")
+
+
+@dataclass
+class Context:
+    """What every block of one forward shares, built once per forward by Transformer.
+
+    mode: "train" (no cache: training, evaluation, scoring a sequence), "prefill" (prompts from position
+        0: attend with the kernel over the new tokens, write them to the cache) or "decode" (the new
+        tokens attend over the cache).
+    rope: (cos, sin), each (B, T, rope_dim), at each token's position.
+    cu_seqlens, max_seqlen: packed document boundaries over the flattened B*T tokens (train mode).
+    slots: (B, T) cache slots the new tokens are written to (prefill, decode).
+    mask: (B, T, L) which of the cache's L slots each new token sees (decode).
+    A token's position (rope) and its cache slot are separate, and the mask is any pattern: tree-shaped
+    verification (siblings at one position in their own slots, each seeing its ancestors) fits.
+    """
+    mode: str
+    rope: tuple
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+    slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
 # -----------------------------------------------------------------------------
 # Attention
 
@@ -96,18 +134,17 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(batch_size, n_kv_head, max_len, v_dim, dtype=dtype, device=device),
                              persistent=False)
 
-    def update(self, pos, k, v):
-        """pos: (B, T) positions of the new tokens; k, v: (B, T, Hkv, D). Returns the whole cache."""
-        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
-        self.k[rows, :, pos] = k.to(self.k.dtype)  # advanced indices first: the value is (B, T, Hkv, D)
-        self.v[rows, :, pos] = v.to(self.v.dtype)
+    def update(self, slots, k, v):
+        """slots: (B, T) cache slots of the new tokens; k, v: (B, T, Hkv, D). Returns the whole cache."""
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        self.k[rows, :, slots] = k.to(self.k.dtype)  # advanced indices first: the value is (B, T, Hkv, D)
+        self.v[rows, :, slots] = v.to(self.v.dtype)
         return self.k, self.v
 
 
-def cached_attention(q, k, v, pos, scale):
-    """Decode-time attention of new queries q (B, T, Hq, D) at positions pos (B, T) over a cache
-    k, v (B, Hkv, L, D): query at position p sees cache entries 0..p. Returns (B, T, Hq, Dv)."""
-    mask = torch.arange(k.shape[2], device=q.device) <= pos[:, :, None]  # (B, T, L)
+def cached_attention(q, k, v, mask, scale):
+    """Decode-time attention of new queries q (B, T, Hq, D) over a cache k, v (B, Hkv, L, D); mask
+    (B, T, L) says which slots each query sees. Returns (B, T, Hq, Dv)."""
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None],
                                        scale=scale, enable_gqa=k.shape[1] != q.shape[2])
     return y.transpose(1, 2)
@@ -131,33 +168,37 @@ class Attention(nn.Module):
     def setup_cache(self, batch_size, max_len, dtype, device):
         self.cache = KVCache(batch_size, max_len, self.n_kv_head, self.head_dim, self.head_dim, dtype, device)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None, prefill=False):
+    def forward(self, x, ctx: Context):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
         if self.q_norm is not None:  # per-head norm before RoPE, as in Qwen3
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if pos is not None and not prefill:  # decoding: append to the cache and attend over it
-            k, v = self.cache.update(pos, k, v)
-            y = cached_attention(q, k, v, pos, 1.0 / math.sqrt(self.head_dim))
+        q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if ctx.mode == "decode":  # append to the cache and attend over it
+            k, v = self.cache.update(ctx.slots, k, v)
+            y = cached_attention(q, k, v, ctx.mask, 1.0 / math.sqrt(self.head_dim))
         else:
-            if prefill:  # the prompt: fill the cache, attend with the kernel (every row starts at 0)
-                self.cache.update(pos, k, v)
-            y = attend(q, k, v, cu_seqlens, max_seqlen, self.impl)
+            if ctx.mode == "prefill":  # the prompt: fill the cache, attend with the kernel
+                self.cache.update(ctx.slots, k, v)
+            y = attend(q, k, v, ctx, self.impl)
         return self.wo(y.reshape(B, T, -1))
 
 
-def attend(q, k, v, cu_seqlens, max_seqlen, impl, softmax_scale=None):
-    """Causal attention of (B, T, H, D) tensors, packed documents kept apart when cu_seqlens is given."""
-    fn = kernels.attention_reference if impl == "reference" else kernels.flash_attention
-    if cu_seqlens is None:
+def attend(q, k, v, ctx, impl, softmax_scale=None):
+    """Causal attention of (B, T, H, D) tensors, packed documents kept apart when ctx has cu_seqlens.
+    Calls the attention op without argument checks: forward checked cu_seqlens once for all layers."""
+    if impl == "reference":
+        fn = kernels.attention_reference
+    else:
+        fn = partial(kernels.attention, row_len=q.shape[1])  # every row starts a document
+    if ctx.cu_seqlens is None:
         return fn(q, k, v, causal=True, softmax_scale=softmax_scale)
     B, T = q.shape[:2]
     flat = lambda t: t.reshape(B * T, *t.shape[2:])  # noqa: E731 - varlen layout (total, H, D)
     y = fn(flat(q), flat(k), flat(v), causal=True, softmax_scale=softmax_scale,
-           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+           cu_seqlens=ctx.cu_seqlens, max_seqlen=ctx.max_seqlen)
     return y.view(B, T, *y.shape[1:])
 
 
@@ -172,10 +213,10 @@ class LatentCache(nn.Module):
         self.register_buffer("kv", torch.zeros(batch_size, 1, max_len, dim, dtype=dtype, device=device),
                              persistent=False)
 
-    def update(self, pos, kv):
-        """pos (B, T); kv (B, T, r + d_rope). Returns the whole cache."""
-        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
-        self.kv[rows, 0, pos] = kv.to(self.kv.dtype)
+    def update(self, slots, kv):
+        """slots (B, T); kv (B, T, r + d_rope). Returns the whole cache."""
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        self.kv[rows, 0, slots] = kv.to(self.kv.dtype)
         return self.kv
 
 
@@ -218,33 +259,33 @@ class MLA(nn.Module):
     def setup_cache(self, batch_size, max_len, dtype, device):
         self.cache = LatentCache(batch_size, max_len, self.rank + self.rope, dtype, device)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None, prefill=False):
+    def forward(self, x, ctx: Context):
         B, T, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora else self.wq(x)
         q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, *rope)
+        q_pe = apply_rope(q_pe, *ctx.rope)
         c, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
         c = self.kv_norm(c)  # (B, T, r)
-        k_pe = apply_rope(k_pe[:, :, None], *rope)  # (B, T, 1, rope): one RoPE key for all heads
-        if pos is not None and not prefill:
-            y = self._absorbed(q_nope, q_pe, torch.cat([c, k_pe[:, :, 0]], dim=-1), pos)
+        k_pe = apply_rope(k_pe[:, :, None], *ctx.rope)  # (B, T, 1, rope): one RoPE key for all heads
+        if ctx.mode == "decode":
+            y = self._absorbed(q_nope, q_pe, torch.cat([c, k_pe[:, :, 0]], dim=-1), ctx)
         else:
-            if prefill:  # the prompt: cache the latents, attend in the expanded form with the kernel
-                self.cache.update(pos, torch.cat([c, k_pe[:, :, 0]], dim=-1))
+            if ctx.mode == "prefill":  # the prompt: cache the latents, attend in the expanded form
+                self.cache.update(ctx.slots, torch.cat([c, k_pe[:, :, 0]], dim=-1))
             k_nope, v = self.wkv_b(c).view(B, T, self.n_head, -1).split([self.nope, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.expand(B, T, self.n_head, self.rope)], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1)
-            y = attend(q, k, v, cu_seqlens, max_seqlen, self.impl, softmax_scale=self.scale)  # (B, T, H, Dv)
+            y = attend(q, k, v, ctx, self.impl, softmax_scale=self.scale)  # (B, T, H, Dv)
         return self.wo(y.reshape(B, T, -1))
 
-    def _absorbed(self, q_nope, q_pe, latent, pos):
+    def _absorbed(self, q_nope, q_pe, latent, ctx):
         """Decode over the latent cache: q parts (B, T, H, .), latent [c, k_pe] (B, T, r + rope)
         -> (B, T, H, Dv)."""
         w = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # (H, nope, r), (H, Dv, r)
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UK folded into the query
-        kv = self.cache.update(pos, latent)  # (B, 1, L, r + rope)
-        y = cached_attention(torch.cat([q_lat, q_pe], dim=-1), kv, kv[..., :self.rank], pos, self.scale)
+        kv = self.cache.update(ctx.slots, latent)  # (B, 1, L, r + rope)
+        y = cached_attention(torch.cat([q_lat, q_pe], dim=-1), kv, kv[..., :self.rank], ctx.mask, self.scale)
         return torch.einsum("bthr,hvr->bthv", y, w_uv)  # W_UV after attention
 
 
@@ -256,20 +297,12 @@ class MLP(nn.Module):
 
     def __init__(self, dim, hidden):
         super().__init__()
-        self.recompute_act = False  # selective checkpointing: recompute silu(a) * b in the backward
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x):
-        a, b = self.w1(x), self.w3(x)
-        if self.recompute_act and torch.is_grad_enabled():
-            return self.w2(checkpoint(swiglu, a, b, use_reentrant=False))
-        return self.w2(swiglu(a, b))
-
-
-def swiglu(a, b):
-    return F.silu(a) * b
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 # -----------------------------------------------------------------------------
@@ -288,24 +321,14 @@ class Block(nn.Module):
             self.feed_forward = MoE(config, shared)
         else:
             self.feed_forward = MLP(config.n_embd, config.intermediate_size)
-        self.grad_ckpt = "none"  # set by Transformer.set_grad_ckpt
+        self.moe = isinstance(self.feed_forward, MoE)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, pos=None, prefill=False):
-        if self.grad_ckpt == "full" and torch.is_grad_enabled():
-            # keep only the block's input; recompute everything inside it during the backward
-            return checkpoint(self._forward, x, rope, cu_seqlens, max_seqlen, pos, prefill, use_reentrant=False)
-        return self._forward(x, rope, cu_seqlens, max_seqlen, pos, prefill)
-
-    def _forward(self, x, rope, cu_seqlens, max_seqlen, pos, prefill):
-        x = x + self.attention(self._norm(self.attention_norm, x), rope, cu_seqlens, max_seqlen, pos, prefill)
-        return x + self.feed_forward(self._norm(self.ffn_norm, x))
-
-    def _norm(self, norm, x):
-        # selective checkpointing recomputes the norms (cheap, elementwise) instead of storing
-        # their fp32 intermediates; the matmul outputs are kept
-        if self.grad_ckpt == "selective" and torch.is_grad_enabled():
-            return checkpoint(norm, x, use_reentrant=False)
-        return norm(x)
+    def forward(self, x, ctx: Context):
+        """-> (x, aux): aux is the MoE layer's routing record (moe.MoEAux), None in a dense block."""
+        x = x + self.attention(self.attention_norm(x), ctx)
+        h = self.ffn_norm(x)
+        y, aux = self.feed_forward(h) if self.moe else (self.feed_forward(h), None)
+        return x + y, aux
 
 
 class MTP(nn.Module):
@@ -329,9 +352,21 @@ class MTP(nn.Module):
         self.block = Block(config, layer_id)  # layer_id >= n_layer: a MoE block when the model has experts
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
 
-    def forward(self, h, emb, rope, cu_seqlens=None, max_seqlen=None, pos=None, prefill=False):
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.norm(self.block(x, rope, cu_seqlens, max_seqlen, pos, prefill))
+    def project(self, h, emb):
+        """The block's input; Transformer runs the block (checkpointed like the others) and self.norm."""
+        return self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+
+
+def _keep_expensive(ctx, func, *args, **kwargs):
+    """Selective checkpointing's policy (torchtitan's idea): keep what costs FLOPs to recompute, the
+    matmuls and the attention op, and recompute the elementwise rest, whose outputs are most of the
+    bytes a block would otherwise keep."""
+    keep = func in _EXPENSIVE_OPS
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_EXPENSIVE_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                  torch.ops.aten._grouped_mm.default, torch.ops.nano.flash_attn.default}
 
 
 def _shift_left(t, k, fill):
@@ -353,6 +388,8 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTP(config, config.n_layer + k) for k in range(config.mtp_depth))
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.loss_terms = {}  # detached parts of the last loss: "lm", and "mtp" / "balance" when on
+        self.grad_ckpt = "none"  # set_grad_ckpt
+        self.cache_len = None  # slots of the decode caches (setup_cache)
         self.init_weights()
 
     def _inv_freq(self):
@@ -369,8 +406,8 @@ class Transformer(nn.Module):
           shared-expert w1/w3, MTP eh_proj); the projections that write into the residual stream
           (attention.wo, feed_forward.w2, shared_experts.w2) use 0.02 / sqrt(2 * n_layer), so the
           residual's variance does not grow with depth (GPT-2, section 2.3).
-        - MoE: router gate.weight normal(0, 0.02), gate.expert_bias 0; routed experts.w1/w3
-          normal(0, 0.02), experts.w2 0.02 / sqrt(2 * n_layer) (a residual write, as above).
+        - MoE (MoE.init_weights): router gate.weight normal(0, 0.02), gate.expert_bias 0; routed
+          experts.w1/w3 normal(0, 0.02), experts.w2 0.02 / sqrt(2 * n_layer) (a residual write).
         - RMSNorm weights (incl. MLA q_norm/kv_norm and MTP enorm/hnorm/norm): 1.
         - buffers: inv_freq (RoPE) recomputed from the config; MoE load counters cleared.
         """
@@ -381,26 +418,27 @@ class Transformer(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
             elif isinstance(m, MoE):
-                nn.init.normal_(m.gate.weight, 0.0, std)
-                nn.init.normal_(m.experts.w1, 0.0, std)
-                nn.init.normal_(m.experts.w3, 0.0, std)
-                nn.init.normal_(m.experts.w2, 0.0, resid_std)
-                m.gate.expert_bias.zero_()
-                m.load = m.used_load = None
+                m.init_weights(std, resid_std)
         self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
 
     def set_grad_ckpt(self, mode):
-        """Gradient checkpointing: "none", "full" (recompute each block in the backward, keep only
-        block inputs) or "selective" (recompute norms and the SwiGLU activations, keep matmul outputs).
-        Applies to the MTP modules' blocks too."""
-        for m in self.modules():
-            if isinstance(m, Block):
-                m.grad_ckpt = mode
-            if hasattr(m, "recompute_act"):  # MLP, routed experts
-                m.recompute_act = mode == "selective"
+        """Gradient checkpointing of every block (the MTP modules' too), decided here and nowhere else:
+        "none"; "full" keeps only each block's input and recomputes the block in the backward;
+        "selective" keeps the outputs of the matmuls and of the attention op (the expensive ones) and
+        recomputes everything else in the block (norms, RoPE, SwiGLU, routing arithmetic)."""
+        self.grad_ckpt = mode
 
     def _blocks(self):
         return list(self.layers) + [m.block for m in self.mtp]
+
+    def _block(self, block, x, ctx):
+        """Run one block under the checkpointing mode: -> (x, MoE aux or None)."""
+        if self.grad_ckpt == "none" or not torch.is_grad_enabled():
+            return block(x, ctx)
+        kw = {}
+        if self.grad_ckpt == "selective":
+            kw["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_expensive)
+        return checkpoint(block, x, ctx, use_reentrant=False, **kw)
 
     # ---- decoding state
 
@@ -408,11 +446,12 @@ class Transformer(nn.Module):
         """Allocate a KV cache in every attention layer (the MTP modules' too, for mtp_draft); forward
         then takes `start_pos`."""
         p = self.output.weight
+        self.cache_len = max_len or self.config.max_seq_len
         for block in self._blocks():
-            block.attention.setup_cache(batch_size, max_len or self.config.max_seq_len, dtype or p.dtype,
-                                        device or p.device)
+            block.attention.setup_cache(batch_size, self.cache_len, dtype or p.dtype, device or p.device)
 
     def clear_cache(self):
+        self.cache_len = None
         for block in self._blocks():
             block.attention.cache = None
 
@@ -425,42 +464,44 @@ class Transformer(nn.Module):
 
     # ---- forward
 
-    def forward(self, idx, targets=None, *, cu_seqlens=None, start_pos=None):
+    def forward(self, idx, targets=None, *, cu_seqlens=None, max_seqlen=None, start_pos=None, prefill=False):
         """idx (B, T) int64 -> (logits (B, T, V), loss or None).
 
-        cu_seqlens: int32 (N+1,) document boundaries over the flattened B*T tokens; no token attends
-            across a boundary and RoPE positions restart at each one.
-        start_pos: with a KV cache (setup_cache), the position of idx[:, 0] in each row: an int or a
-            (B,) tensor (rows may be at different lengths).
+        cu_seqlens: int32 (N+1,) document boundaries over the flattened B*T tokens, every row start among
+            them; no token attends across a boundary and RoPE positions restart at each one. Checked here
+            when it lies in host memory (a CUDA tensor would cost a sync: train.py's loader makes it right).
+        max_seqlen: the longest document, a host int (train.py reads it from the loader's boundaries);
+            only a tuning hint for the kernel, T when not given.
+        prefill: the prompts idx start at position 0 in every row: attend with the kernel and fill the
+            KV cache (setup_cache).
+        start_pos: decode with the KV cache: idx[:, 0] is at this position, an int or a (B,) tensor (rows
+            may be at different lengths).
         With targets, loss = cross-entropy + mtp_weight * mean of the MTP modules' cross-entropies (when
         mtp_depth > 0) + the MoE balance losses (when aux_loss_alpha > 0); on CUDA with fused_ce the
         logits are None (see lm_loss). `self.loss_terms` then holds the detached parts ("lm", "mtp",
         "balance"): a validation loss comparable across models with and without MTP is loss_terms["lm"].
         In training mode, each forward adds the tokens every MoE layer routed to each expert to the
-        counters that update_moe_bias() consumes.
+        counters that update_moe_bias() consumes. No host sync anywhere on the training path.
         """
-        ctx = self._context(idx, cu_seqlens, start_pos)
-        moe = [m for _, m in self._moe()]
-        for m in moe:
-            m.last_load = m.aux_loss = None
-        h = self._trunk(idx, ctx)
+        ctx = self._context(idx, cu_seqlens, max_seqlen, start_pos, prefill)
+        h, aux = self._trunk(idx, ctx)
         if targets is None:
             logits, loss = self.output(h), None
         else:
             logits, loss = self.lm_loss(h, targets)
-            self.loss_terms = {"lm": loss.detach()}
+            terms = {"lm": loss.detach()}
             if len(self.mtp):
-                mtp_loss = self._mtp_loss(h, idx, targets, ctx)
-                self.loss_terms["mtp"] = mtp_loss.detach()
+                mtp_loss, mtp_aux = self._mtp_loss(h, idx, targets, ctx)
+                aux += mtp_aux
+                terms["mtp"] = mtp_loss.detach()
                 loss = loss + self.config.mtp_weight * mtp_loss
-            aux = [m.aux_loss for m in moe if m.aux_loss is not None]
-            if aux:
-                balance = torch.stack(aux).sum()
-                self.loss_terms["balance"] = balance.detach()
+            balance = moe.balance_loss(aux)
+            if balance is not None:
+                terms["balance"] = balance.detach()
                 loss = loss + balance
+            self.loss_terms = terms
         if self.training:
-            for m in moe:
-                m.count()
+            moe.record_loads([b.feed_forward for b in self._blocks()], aux)
         return logits, loss
 
     def lm_loss(self, h, targets):
@@ -473,60 +514,83 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def hidden_states(self, idx, *, cu_seqlens=None, start_pos=None):
+    def hidden_states(self, idx, *, cu_seqlens=None, max_seqlen=None, start_pos=None, prefill=False):
         """The final-norm hidden states (B, T, n_embd) that the LM head (and MTP module 1) reads."""
-        return self._trunk(idx, self._context(idx, cu_seqlens, start_pos))
+        return self._trunk(idx, self._context(idx, cu_seqlens, max_seqlen, start_pos, prefill))[0]
 
-    def _context(self, idx, cu_seqlens, start_pos):
-        """What every block of one forward shares: (rope cos/sin, cu_seqlens, max_seqlen, pos, prefill), pos
-        being the (B, T) positions when decoding with a cache, else None; prefill when start_pos is the
-        int 0 (every row's prompt from position 0: causal attention over the new tokens alone, by the
-        attention kernel, while the cache is filled)."""
+    def _context(self, idx, cu_seqlens, max_seqlen, start_pos, prefill):
+        """The forward's Context: its mode, from the arguments that name it, and what the mode needs."""
         B, T = idx.shape
-        pos, max_seqlen = None, None
+        steps = torch.arange(T, device=idx.device)
+        if (prefill or start_pos is not None) and self.cache_len is None:
+            raise ValueError("prefill / start_pos decode with the KV cache: call model.setup_cache(...) first")
+        if prefill:
+            if start_pos is not None or cu_seqlens is not None:
+                raise ValueError("prefill starts every row at position 0: pass no start_pos or cu_seqlens")
+            slots = steps.expand(B, T)
+            return Context("prefill", self._rope(slots), slots=slots)
         if start_pos is not None:
-            start = torch.as_tensor(start_pos, device=idx.device).reshape(-1).expand(B)
-            pos = start[:, None] + torch.arange(T, device=idx.device)  # (B, T)
-            positions = pos
-        elif cu_seqlens is not None:
-            positions = positions_from_cu_seqlens(cu_seqlens, B * T).view(B, T)
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        else:
-            positions = torch.arange(T, device=idx.device).expand(B, T)
-        prefill = isinstance(start_pos, int) and start_pos == 0
-        return rope_cos_sin(positions, self.inv_freq), cu_seqlens, max_seqlen, pos, prefill
+            if cu_seqlens is not None:
+                raise ValueError("decoding with start_pos takes no cu_seqlens (one sequence per row)")
+            start = torch.as_tensor(start_pos, device=idx.device).reshape(-1, 1).expand(B, 1)
+            slots = start + steps  # (B, T): the chain's slot is its position
+            mask = torch.arange(self.cache_len, device=idx.device) <= slots[:, :, None]  # (B, T, L)
+            return Context("decode", self._rope(slots), slots=slots, mask=mask)
+        if cu_seqlens is None:
+            return Context("train", self._rope(steps.expand(B, T)))
+        if not torch.compiler.is_compiling():
+            check_cu_seqlens(cu_seqlens, B, T)
+        # every row start is a boundary, listed or not: merge them in (a repeated one is an empty
+        # document, which the kernels skip), a fixed N + 1 + B entries, no sync
+        row_starts = torch.arange(0, B * T, T, device=idx.device, dtype=torch.int32)
+        cu_seqlens = torch.cat([cu_seqlens.to(device=idx.device, dtype=torch.int32), row_starts]).sort().values
+        positions = positions_from_cu_seqlens(cu_seqlens, B * T).view(B, T)
+        return Context("train", self._rope(positions), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen or T)
+
+    def _rope(self, positions):
+        return rope_cos_sin(positions, self.inv_freq)
 
     def _trunk(self, idx, ctx):
-        x = self.tok_embeddings(idx)
+        """-> (final-norm hidden states, [MoE aux or None per layer])."""
+        x, aux = self.tok_embeddings(idx), []
         for layer in self.layers:
-            x = layer(x, *ctx)
-        return self.norm(x)
+            x, a = self._block(layer, x, ctx)
+            aux.append(a)
+        return self.norm(x), aux
+
+    def _mtp_module(self, module, h, tokens, ctx):
+        """MTP module `module` on h_{k-1} and the tokens it reads -> (h_k, MoE aux or None)."""
+        x, aux = self._block(module.block, module.project(h, self.tok_embeddings(tokens)), ctx)
+        return module.norm(x), aux
 
     # ---- multi-token prediction
 
     def _mtp_loss(self, h, idx, targets, ctx):
-        """Mean over k = 1..mtp_depth of module k's cross-entropy. At position t module k reads token
-        t+k and is scored on token t+k+1, i.e. on targets[t+k]. That target counts only if the chain
-        stays inside one document of the row: targets[t..t+k] are all kept (not -100; packed loaders
-        put -100 where a document ends) and, with cu_seqlens, tokens t and t+k+1 are in one document.
-        Positions past the end of the row read token 0 and have no target; causal attention keeps
-        them from influencing any position that has one."""
+        """Mean over k = 1..mtp_depth of module k's cross-entropy -> (loss, [MoE aux per module]). At
+        position t module k reads token t+k and is scored on token t+k+1, i.e. on targets[t+k]. That
+        target counts only if the chain stays inside one document of the row: targets[t..t+k] are all
+        kept (not -100; packed loaders put -100 where a document ends) and, with cu_seqlens, tokens t
+        and t+k+1 are in one document. Positions past the end of the row read token 0 and have no
+        target; causal attention keeps them from influencing any position that has one. A module with
+        no target at all (a row of one-token documents) is left out of the mean, on the device."""
         B, T = idx.shape
-        cu_seqlens = ctx[1]
         kept = targets != -100
         ok, doc = kept, None
-        if cu_seqlens is not None:
+        if ctx.cu_seqlens is not None:
             flat = torch.arange(B * T, device=idx.device)
-            doc = torch.searchsorted(cu_seqlens.to(torch.int64), flat, right=True).view(B, T)
-        losses = []
+            doc = torch.searchsorted(ctx.cu_seqlens.to(torch.int64), flat, right=True).view(B, T)
+        total, counted, aux = 0.0, 0, []
         for k, module in enumerate(self.mtp, 1):
             ok = ok & _shift_left(kept, k, False)
             if doc is not None:
                 ok = ok & (_shift_left(doc, k + 1, -1) == doc)  # the target is token t+k+1
-            h = module(h, self.tok_embeddings(_shift_left(idx, k, 0)), *ctx)
-            if ok.any():  # host sync; without it a row of one-token documents could make a NaN mean
-                losses.append(self.lm_loss(h, _shift_left(targets, k, -100).masked_fill(~ok, -100))[1])
-        return torch.stack(losses).mean() if losses else h.sum() * 0.0
+            h, a = self._mtp_module(module, h, _shift_left(idx, k, 0), ctx)
+            aux.append(a)
+            loss = self.lm_loss(h, _shift_left(targets, k, -100).masked_fill(~ok, -100))[1]
+            has = ok.any()
+            total = total + torch.where(has, loss, 0.0)  # the NaN of an empty mean has zero gradient here
+            counted = counted + has
+        return total / torch.clamp(counted, min=1), aux
 
     def mtp_draft(self, h, tokens, *, start_pos=None, depth=1):
         """Draft logits from MTP module `depth`, for speculative decoding: (logits (B, T, V), h_depth).
@@ -552,10 +616,8 @@ class Transformer(nn.Module):
         """
         if not 1 <= depth <= len(self.mtp):
             raise ValueError(f"depth must be in 1..{len(self.mtp)} (the model's mtp_depth), got {depth}")
-        module = self.mtp[depth - 1]
-        if start_pos is not None and module.block.attention.cache is None:
-            raise ValueError("mtp_draft with start_pos needs a cache: call model.setup_cache(...) first")
-        h = module(h, self.tok_embeddings(tokens), *self._context(tokens, None, start_pos))
+        ctx = self._context(tokens, None, None, start_pos, False)
+        h = self._mtp_module(self.mtp[depth - 1], h, tokens, ctx)[0]
         return self.output(h), h
 
     # ---- MoE load balancing (train.py calls these; no-ops for dense models)
@@ -571,25 +633,14 @@ class Transformer(nn.Module):
         """After each optimizer step: move every MoE layer's selection bias by the sign rule, using the
         expert loads counted by the training forwards since the last call (summed over all ranks under
         torch.distributed, so the replicas stay identical)."""
-        moe = [m for _, m in self._moe()]
-        for m, load in zip(moe, all_reduce_loads([m.pending_load() for m in moe])):
-            m.update_bias(load)
+        moe.update_biases([m for _, m in self._moe()])
 
     def moe_stats(self):
-        """Expert load balance for logging: {"moe/max_load", "moe/min_load"} over all MoE layers and
-        "moe/max_load/<layer>" per layer, each as load / mean load (1.0 = even). The loads are those
-        counted since the last update_moe_bias(), or the ones it used when called right after it.
-        Routing is dropless: no token is ever dropped. Empty for dense models."""
-        stats, lo = {}, []
-        for name, m in self._moe():
-            s = m.stats()
-            if s is not None:
-                stats[f"moe/max_load/{name}"] = s["max_load"]
-                lo.append(s["min_load"])
-        if lo:
-            stats["moe/max_load"] = max(v for k, v in stats.items() if k.startswith("moe/max_load/"))
-            stats["moe/min_load"] = min(lo)
-        return stats
+        """Expert load balance for logging, as 0-d device tensors (read them with the step's other
+        scalars): "moe/max_load", "moe/min_load" over all MoE layers and "moe/max_load/<layer>" per
+        layer, each as load / mean load (1.0 = even), of the loads counted since the last
+        update_moe_bias(), or those it used when called right after it. Empty for dense models."""
+        return moe.load_stats(self._moe())
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())

@@ -14,7 +14,11 @@ balance loss (`aux_loss_alpha`, DeepSeek-V3 eq. 17-20) can be added on top. Rout
 capacity limit, no token is dropped.
 
 Dispatch (the routed experts' SwiGLU on the rows routed to them), `moe_impl`:
-- "loop": one matmul per expert, rows gathered with torch.where. The CPU path and the test oracle.
+- "loop": one matmul per expert, rows gathered with torch.where (data-dependent shapes). The eager CPU
+  path and the test oracle.
+- "dense": every expert on every token, each output weighted by the token's routing weight for that
+  expert (zero unless chosen): static shapes that torch.compile traces, for E/k times the routed
+  FLOPs. What "auto" takes on CPU under torch.compile.
 - "grouped": sort the (token, expert) pairs by expert and run each projection as one
   `torch._grouped_mm` over the sorted rows, no Python loop over experts. Its fast CUDA kernel is bf16 on
   sm90+ (Hopper, Blackwell) in current torch; it also runs (slowly) on CPU in fp32, which is how the
@@ -23,17 +27,30 @@ Dispatch (the routed experts' SwiGLU on the rows routed to them), `moe_impl`:
   buffer, C = the busiest expert's row count. For CUDA without a usable `_grouped_mm` (pre-Hopper, fp16,
   fp32, older torch); it spends FLOPs on the padding and reads C with one device-to-host sync.
 "auto" takes "grouped" on CUDA when `_grouped_mm` has a fast kernel for the dtype, "bmm" on other CUDA
-setups, and "loop" on CPU.
+setups, and "loop" on CPU ("dense" while torch.compile traces). "grouped" has no host sync: the row
+offsets come from a scatter-add and a cumsum on the device.
+
+The load counters (tokens routed to each expert since the last bias update) are device buffers; a
+forward returns its routing record (MoEAux) instead of storing it, because a checkpointed block runs
+its forward twice: Transformer passes the records of the forward it keeps to `record_loads` once.
 """
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def swiglu(a, b):
     return F.silu(a) * b
+
+
+class MoEAux(NamedTuple):
+    """What one MoE forward reports: load (E,) tokens routed to each expert; balance, the sequence-wise
+    balance loss (None unless aux_loss_alpha > 0 in training)."""
+    load: torch.Tensor
+    balance: torch.Tensor | None
 
 
 class Gate(nn.Module):
@@ -83,6 +100,15 @@ def moe_loop(x, weights, idx, w1, w2, w3, act):
     return out
 
 
+def moe_dense(x, weights, idx, w1, w2, w3, act):
+    gate = torch.zeros(x.shape[0], w1.shape[0], dtype=x.dtype, device=x.device)
+    gate = gate.scatter(1, idx, weights)  # (N, E): the routing weight, 0 for the experts not chosen
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        out = out + (act(x @ w1[e].T, x @ w3[e].T) @ w2[e].T) * gate[:, e, None]
+    return out
+
+
 def _sort_by_expert(idx, n_experts):
     """Row order grouping the N*k (token, expert) pairs by expert, the token of each sorted row, and
     the row count of each expert."""
@@ -122,7 +148,7 @@ def moe_bmm(x, weights, idx, w1, w2, w3, act):
     return torch.zeros_like(x).index_add_(0, tok, ys)
 
 
-DISPATCH = {"loop": moe_loop, "grouped": moe_grouped, "bmm": moe_bmm}
+DISPATCH = {"loop": moe_loop, "dense": moe_dense, "grouped": moe_grouped, "bmm": moe_bmm}
 
 
 def grouped_mm_fast(x, w):
@@ -139,27 +165,21 @@ class Experts(nn.Module):
     def __init__(self, n_experts, dim, hidden, impl="auto"):
         super().__init__()
         self.impl = impl
-        self.recompute_act = False  # selective checkpointing: recompute silu(a) * b in the backward
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
     def forward(self, x, weights, idx):
         impl = self.impl
-        if impl == "auto":
-            impl = ("grouped" if grouped_mm_fast(x, self.w1) else "bmm") if x.is_cuda else "loop"
-        return DISPATCH[impl](x, weights.to(x.dtype), idx, self.w1, self.w2, self.w3, self._act)
-
-    def _act(self, a, b):
-        if self.recompute_act and torch.is_grad_enabled():
-            return checkpoint(swiglu, a, b, use_reentrant=False)
-        return swiglu(a, b)
+        if impl == "auto" and x.is_cuda:
+            impl = "grouped" if grouped_mm_fast(x, self.w1) else "bmm"
+        elif impl == "auto":
+            impl = "dense" if torch.compiler.is_compiling() else "loop"
+        return DISPATCH[impl](x, weights.to(x.dtype), idx, self.w1, self.w2, self.w3, swiglu)
 
 
 class MoE(nn.Module):
-    """Shared experts + routed experts. After each forward `last_load` holds the tokens each expert got
-    and, in training with aux_loss_alpha > 0, `aux_loss` the balance loss; Transformer.forward collects
-    both (outside any checkpointed region, so a recomputation in the backward cannot count twice)."""
+    """Shared experts + routed experts: forward(x) -> (y, MoEAux)."""
 
     def __init__(self, config, shared_experts=None):
         super().__init__()
@@ -169,11 +189,24 @@ class MoE(nn.Module):
         self.shared_experts = shared_experts  # an MLP of width moe_intermediate_size * n_shared_experts
         self.k, self.alpha = config.num_experts_per_tok, config.aux_loss_alpha
         self.gamma = config.bias_update_rate
-        # tokens routed to each expert since the last update_bias (training forwards only; None = none
-        # yet), and the load that the last update_bias used (for logging right after the update). Plain
-        # tensors, not buffers: DDP would overwrite every rank's counts with rank 0's at each forward.
-        self.load, self.used_load = None, None
-        self.last_load, self.aux_loss = None, None
+        # tokens routed to each expert since the last update_bias (training forwards only), and the load
+        # that the last update_bias used (for logging right after the update). Not in checkpoints: they
+        # are empty after every optimizer step. (train.py's DDP does not broadcast buffers: rank 0's
+        # counts would overwrite every other rank's.)
+        E = config.n_routed_experts
+        self.register_buffer("load", torch.zeros(E), persistent=False)
+        self.register_buffer("used_load", torch.zeros(E), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, std, resid_std):
+        """Router and routed experts normal(0, std), experts.w2 (a residual write) normal(0, resid_std);
+        the balancing bias and the load counters zero. (The shared experts are an MLP: Transformer's.)"""
+        nn.init.normal_(self.gate.weight, 0.0, std)
+        nn.init.normal_(self.experts.w1, 0.0, std)
+        nn.init.normal_(self.experts.w3, 0.0, std)
+        nn.init.normal_(self.experts.w2, 0.0, resid_std)
+        for t in (self.gate.expert_bias, self.load, self.used_load):
+            t.zero_()
 
     def forward(self, x):
         B, T, D = x.shape
@@ -183,10 +216,10 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         E = scores.shape[-1]
-        self.last_load = count_tokens(idx, E).float()
+        balance = None
         if self.training and self.alpha > 0 and torch.is_grad_enabled():
-            self.aux_loss = self.alpha * self.balance_loss(scores.view(B, T, E), idx.view(B, T, -1))
-        return y.view(B, T, D)
+            balance = self.alpha * self.balance_loss(scores.view(B, T, E), idx.view(B, T, -1))
+        return y.view(B, T, D), MoEAux(count_tokens(idx, E).float(), balance)
 
     def balance_loss(self, scores, idx):
         """DeepSeek-V3's sequence-wise balance loss, per row: sum_i f_i P_i, with f_i the fraction of
@@ -199,35 +232,61 @@ class MoE(nn.Module):
         P = (scores / scores.sum(-1, keepdim=True)).mean(1)
         return (f * P).sum(-1).mean()
 
-    def count(self):
-        """Add the last forward's load to the counters (Transformer.forward, in training)."""
-        if self.last_load is not None:
-            self.load = self.last_load if self.load is None else self.load + self.last_load
-
-    def pending_load(self):
-        if self.load is None:
-            return torch.zeros_like(self.gate.expert_bias, dtype=torch.float)
-        return self.load
-
     @torch.no_grad()
     def update_bias(self, load=None):
         """The sign rule: bias_i += gamma * sign(mean load - load_i). `load` defaults to the tokens
-        counted since the last call (Transformer.update_moe_bias passes them all-reduced across ranks)."""
-        load = self.pending_load() if load is None else load
+        counted since the last call (update_biases passes them all-reduced across ranks)."""
+        load = self.load if load is None else load
         bias = self.gate.expert_bias
         bias.add_((self.gamma * torch.sign(load.mean() - load)).to(bias.dtype))  # no load: sign(0) = 0
-        if self.used_load is not None:  # keep the last real load through calls with none (no host sync)
-            load = torch.where(load.sum() > 0, load, self.used_load)
-        self.used_load, self.load = load, None
+        # keep the last real load through calls with none (no host sync)
+        self.used_load.copy_(torch.where(load.sum() > 0, load, self.used_load))
+        self.load.zero_()
 
     def stats(self):
-        """max/mean and min/mean of the expert loads (1.0 = perfectly balanced): the load counted since
-        the last update_bias, or the one that call used; None before any training forward."""
-        load = self.load if self.load is not None else self.used_load
-        if load is None or load.sum() == 0:
-            return None
+        """max/mean and min/mean of the expert loads (1.0 = perfectly balanced), 0-d device tensors: the
+        load counted since the last update_bias, or the one that call used; 0 before any count."""
+        load = torch.where(self.load.sum() > 0, self.load, self.used_load)
         mean = load.mean().clamp(min=1e-9)
-        return {"max_load": (load.max() / mean).item(), "min_load": (load.min() / mean).item()}
+        return {"max_load": load.max() / mean, "min_load": load.min() / mean}
+
+
+# -----------------------------------------------------------------------------
+# The interface Transformer uses: what one forward's routing records add up to, and the balancing.
+
+def balance_loss(aux):
+    """The sum of the balance losses in a forward's records (None entries are dense blocks), or None."""
+    terms = [a.balance for a in aux if a is not None and a.balance is not None]
+    return torch.stack(terms).sum() if terms else None
+
+
+@torch.no_grad()
+def record_loads(ffns, aux):
+    """Add each MoE layer's routed-token counts from one training forward to its counters (ffns: the
+    blocks' feed-forward modules, in the order of aux)."""
+    for ffn, a in zip(ffns, aux):
+        if a is not None:
+            ffn.load.add_(a.load)
+
+
+@torch.no_grad()
+def update_biases(moes):
+    """After an optimizer step: the sign rule in every layer, with loads summed over all ranks."""
+    for m, load in zip(moes, all_reduce_loads([m.load for m in moes])):
+        m.update_bias(load)
+
+
+def load_stats(named):
+    """Expert load balance over named MoE layers [(name, MoE)], as 0-d device tensors."""
+    stats, lo = {}, []
+    for name, m in named:
+        s = m.stats()
+        stats[f"moe/max_load/{name}"] = s["max_load"]
+        lo.append(s["min_load"])
+    if lo:
+        stats["moe/max_load"] = torch.stack(list(stats.values())).max()
+        stats["moe/min_load"] = torch.stack(lo).min()
+    return stats
 
 
 def all_reduce_loads(loads):

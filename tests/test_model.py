@@ -55,7 +55,7 @@ def test_kv_cache_decode_equals_full_forward(kw):
     with torch.no_grad():
         full, _ = model(idx)
         model.setup_cache(3, 32)
-        first, _ = model(idx[:, :7], start_pos=0)
+        first, _ = model(idx[:, :7], prefill=True)
         steps = [model(idx[:, t:t + 1], start_pos=t)[0] for t in range(7, 20)]
         model.clear_cache()
     got = torch.cat([first] + steps, dim=1)
@@ -68,7 +68,7 @@ def test_kv_cache_rows_at_different_positions():
     with torch.no_grad():
         ref_a, ref_b = model(a)[0][0, -1], model(b)[0][0, -1]
         model.setup_cache(2, 16)
-        model(torch.cat([a[:, :9], b]), start_pos=0)  # both rows 9 tokens
+        model(torch.cat([a[:, :9], b]), prefill=True)  # both rows 9 tokens
         model(a[:, 9:11].expand(2, 2).clone(), start_pos=9)  # row 1 gets junk that must be rolled back
         nxt = torch.stack([a[0, 11], b[0, 8]])[:, None]
         out = model(nxt, start_pos=torch.tensor([11, 8]))[0]
