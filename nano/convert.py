@@ -265,7 +265,12 @@ def load_hf(path, *, dtype=torch.float32, device="cpu"):
         raise FileNotFoundError(f"{cfg_path} not found: load_hf needs a Hugging Face model directory "
                                 "with config.json and *.safetensors")
     hf = _read_json(cfg_path)
-    hf_config(hf)  # fail on an unsupported model before reading gigabytes of weights
+    try:
+        hf_config(hf)  # fail on an unsupported model before reading gigabytes of weights
+    except KeyError as e:
+        raise ValueError(f"{cfg_path} lacks the field {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     tensors = _load_safetensors(path)
     deepseek = hf["model_type"] == "deepseek_v3"
     n_layer = hf["num_hidden_layers"]

@@ -229,6 +229,9 @@ def test_malformed_hf_config_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"\n"vocab_size": 3}')
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="config.json lacks the field 'num_attention_heads'"):
+        load_hf(str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
