@@ -54,14 +54,19 @@ def hf_tokenizer(path, spec):
     raise FileNotFoundError(f"no tokenizer.model in {path} (or {path}/original); pass --tokenizer FILE")
 
 
+def load_nano(path, device="cpu"):
+    """(model, tokenizer, state) of a nano run directory or checkpoint file. A damaged, truncated, foreign
+    or malicious file raises a CheckpointError (nothing in it is run)."""
+    state = load_checkpoint(path)
+    return model_from_checkpoint(state, device), Tokenizer.from_state(state["tokenizer"]), state
+
+
 def main(argv):
     args = parse(argv)
     device, dtype, reason = pick_device(args.device, args.dtype)
     print(f"device: {device}, dtype: {str(dtype).removeprefix('torch.')} ({reason})")
     if args.ckpt:
-        state = load_checkpoint(args.ckpt)
-        model = model_from_checkpoint(state, device)
-        tok = Tokenizer.from_state(state["tokenizer"])
+        model, tok, state = load_nano(args.ckpt, device)
     else:
         from nano.convert import load_hf
         model = load_hf(args.hf, device=device)
@@ -108,7 +113,8 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, OSError, CheckpointError) as e:  # bad input or a bad file: one line, exit 2
         if os.environ.get("NANO_DEBUG"):
             raise
-        sys.exit(f"sample.py: error: {e}")
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

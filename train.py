@@ -27,7 +27,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from nano.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nano.checkpoint import (CheckpointError, lock_run_dir, previous_path, resume_checkpoint,
+                            save_checkpoint)
 from nano.config import ModelConfig, parse_args
 from nano.data import PackedLoader, prepare_data
 from nano.generate import generate
@@ -62,17 +63,18 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     ckpt_file = os.path.join(cfg.out_dir, "ckpt.pt")
+    if master:  # held until this process ends or dies: a second run on the same out_dir refuses
+        lock_run_dir(cfg.out_dir)
     state = None
     if cfg.resume:
-        state = load_checkpoint(ckpt_file)
+        state, path = resume_checkpoint(cfg.out_dir, say)  # ckpt.pt, or ckpt.prev.pt if that is damaged
         model_cfg = ModelConfig(**state["model_config"])  # the architecture is the checkpoint's
         saved = state["train_config"]
         cfg = replace(cfg, data=saved["data"], tokenizer=saved["tokenizer"], seed=saved["seed"])
-        say(f"resuming from {ckpt_file} at step {state['step']}")
-    elif os.path.exists(ckpt_file):
-        raise ValueError(f"{ckpt_file} exists: pass --resume to continue it, or choose another --out-dir")
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        say(f"resuming from {path} at step {state['step']}")
+    elif os.path.exists(ckpt_file) or os.path.exists(previous_path(ckpt_file)):
+        raise ValueError(f"{cfg.out_dir} holds a checkpoint: pass --resume to continue it, or choose another "
+                         "--out-dir")
 
     # -------------------------------------------------------------------------
     # data: tokenizer + memory-mapped shards (cached), packed rows with document boundaries
@@ -364,11 +366,14 @@ def _truncate_metrics(path, step):
     lines = []
     with open(path) as f:
         for line in f:
+            if not line.endswith("\n"):
+                break  # the partial record of a run killed mid-append
             r = json.loads(line)
             if r["step"] < step or (r["step"] == step and "loss" in r):
                 lines.append(line)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # a kill while rewriting must not lose the history
         f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

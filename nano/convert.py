@@ -246,15 +246,31 @@ def _build(config, state, dtype, device):
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _read_json(path):
+    """A JSON object from a file; a malformed one names the file (json's own message does not)."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object")
+    return d
+
+
 def load_hf(path, *, dtype=torch.float32, device="cpu"):
     """Transformer from a Hugging Face directory (config.json + *.safetensors) of a supported model."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: load_hf needs a Hugging Face model directory "
                                 "with config.json and *.safetensors")
-    with open(cfg_path) as f:
-        hf = json.load(f)
-    hf_config(hf)  # fail on an unsupported model before reading gigabytes of weights
+    hf = _read_json(cfg_path)
+    try:
+        hf_config(hf)  # fail on an unsupported model before reading gigabytes of weights
+    except KeyError as e:
+        raise ValueError(f"{cfg_path} lacks the field {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     tensors = _load_safetensors(path)
     deepseek = hf["model_type"] == "deepseek_v3"
     n_layer = hf["num_hidden_layers"]
@@ -298,8 +314,7 @@ def load_meta(path, *, dtype=torch.float32, device="cpu"):
                                 "consolidated.00.pth")
     if len(shards) > 1:
         raise ValueError(f"{len(shards)} model-parallel shards in {path}; nano loads single-shard releases")
-    with open(params_path) as f:
-        p = json.load(f)
+    p = _read_json(params_path)
     state = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
     state = {k: v for k, v in state.items() if not k.endswith("rope.freqs")}
     n_head, dim = p["n_heads"], p["dim"]

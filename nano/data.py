@@ -7,9 +7,9 @@
   document once as [bos] + tokens, and writes `train.bin` / `val.bin` (flat uint16 tokens, uint32 when
   the vocabulary is larger than 65,536) with `*.idx.npy` (document starts) into
   $NANO_CACHE/<name>-<hash> (default ~/.cache/nano). The hash covers the corpus (file names, sizes,
-  mtimes), the tokenizer and the split, so a second run loads at once. A folder is built under a
-  temporary name and renamed into place with `meta.json` written last: a run killed half-way leaves
-  nothing that is ever read.
+  mtimes, inodes, ctimes), the tokenizer and the split, so a second run loads at once. A folder is built
+  under a temporary name and renamed into place with `meta.json` written last: a run killed half-way
+  leaves nothing that is ever read.
 - The validation split is a fixed set of whole documents: those whose text has the smallest SHA-1
   (independent of file order, and stable when documents are added). A single document is cut at a line
   break instead, its tail held out.
@@ -242,9 +242,12 @@ def _cache_key(data, tokenizer, vocab_size, val_fraction):
     h = hashlib.sha256(json.dumps({"format": FORMAT, "data": os.path.abspath(data) if data else "",
                                    "vocab_size": vocab_size if not tokenizer else None,
                                    "val_fraction": val_fraction}).encode())
-    for f in _corpus_files(data):  # names, sizes and mtimes: no need to read 31 MB to find the cache
+    # names and metadata, no content: a start need not read 31 MB to find its cache. Rewriting a file
+    # changes its ctime (a new copy also its inode) even when size and mtime are kept (cp -p, an edit
+    # within the mtime granularity); the content hashes are in the cache's meta.json.
+    for f in _corpus_files(data):
         st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}\n".encode())
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if tok is not None:
         h.update(tok.fingerprint().encode())
@@ -316,7 +319,10 @@ def prepare_data(data="", tokenizer="", vocab_size=8192, *, cache_dir=None, val_
                       n_train_docs=tr["n_docs"], n_val_docs=va["n_docs"], n_train_tokens=tr["n_tokens"],
                       n_val_tokens=va["n_tokens"], n_bytes=tr["n_bytes"] + va["n_bytes"],
                       bytes_per_token=bpt, prepare_seconds=round(time.time() - t0, 2))
-        meta = {"format": FORMAT, "complete": True, "bytes_per_token": bpt, "report": report}
+        sha256 = {split: hashlib.sha256("\0".join(d).encode()).hexdigest()  # of what the shards hold
+                  for split, d in (("train", train_docs), ("val", val_docs))}
+        meta = {"format": FORMAT, "complete": True, "bytes_per_token": bpt, "sha256": sha256,
+                "report": report}
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: its presence marks a complete folder
             json.dump(meta, f, indent=1)
         if os.path.exists(folder) and _load_cached(folder) is None:  # damaged, or half-written by a
