@@ -467,11 +467,13 @@ class Transformer(nn.Module):
     def forward(self, idx, targets=None, *, cu_seqlens=None, max_seqlen=None, start_pos=None, prefill=False):
         """idx (B, T) int64 -> (logits (B, T, V), loss or None).
 
-        cu_seqlens: int32 (N+1,) document boundaries over the flattened B*T tokens, every row start among
-            them; no token attends across a boundary and RoPE positions restart at each one. Checked here
-            when it lies in host memory (a CUDA tensor would cost a sync: train.py's loader makes it right).
-        max_seqlen: the longest document, a host int (train.py reads it from the loader's boundaries);
-            only a tuning hint for the kernel, T when not given.
+        cu_seqlens: int32 (N+1,) document boundaries over the flattened B*T tokens; every row start is a
+            boundary too, listed or not. No token attends across a boundary and RoPE positions restart at
+            each one. Checked here when it lies in host memory (a CUDA tensor would cost a sync:
+            train.py's loader makes it right).
+        max_seqlen: the longest document, a host int; only a tuning hint for the kernel (its autotuning
+            bucket), T (which bounds every document piece of a row) when not given, which is what
+            train.py does: a new value per batch would be a new graph input.
         prefill: the prompts idx start at position 0 in every row: attend with the kernel and fill the
             KV cache (setup_cache).
         start_pos: decode with the KV cache: idx[:, 0] is at this position, an int or a (B,) tensor (rows
