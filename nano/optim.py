@@ -129,9 +129,12 @@ def build_optimizers(model, cfg, fused=False):
     """{"adamw": AdamW} or, with cfg.optimizer == "muon", {"adamw": AdamW for the rest, "muon": Muon for
     the hidden matrices}. The lr set here is the peak; train.py sets each step's from `lr_at`."""
     groups = param_groups(model, muon=cfg.optimizer == "muon")
-    optimizers = {"adamw": torch.optim.AdamW([{"params": groups["decay"], "weight_decay": cfg.weight_decay},
-                                              {"params": groups["no_decay"], "weight_decay": 0.0}],
-                                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)}
+    adamw = [{"params": groups["decay"], "weight_decay": cfg.weight_decay},
+             {"params": groups["no_decay"], "weight_decay": 0.0}]
+    # no empty group (tied embeddings under Muon leave "decay" empty): torch.distributed's optimizer
+    # state dicts refuse them when there are several optimizers
+    optimizers = {"adamw": torch.optim.AdamW([g for g in adamw if g["params"]], lr=cfg.lr,
+                                             betas=(cfg.beta1, cfg.beta2), fused=fused)}
     if "muon" in groups:
         optimizers["muon"] = Muon(groups["muon"], lr=peak_lr("muon", cfg), weight_decay=cfg.weight_decay)
     return optimizers
