@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 import torch
@@ -31,7 +32,9 @@ def train(args, optimizer, lr, muon_lr, out_dir):
            "--eval-steps", str(args.eval_steps), "--sample-every", "0", "--ckpt-every", str(10 * args.steps),
            "--log-every", str(args.steps), "--seed", "1337", "--out-dir", out_dir, "--optimizer", optimizer,
            "--lr", str(lr), *(["--muon-lr", str(muon_lr)] if optimizer == "muon" else []), *args.extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    # one thread: on a shared CPU, OpenMP threads waiting on each other can make every matmul 100x slower
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if r.returncode:
         sys.exit(f"bench/optim.py: train.py failed:\n{r.stderr[-3000:]}")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -41,9 +44,9 @@ def train(args, optimizer, lr, muon_lr, out_dir):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--warmup", type=int, default=15)
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-steps", type=int, default=10)
     p.add_argument("--adamw-lrs", default="2e-3,4e-3,8e-3")
     p.add_argument("--muon-lrs", default="4e-3,8e-3,1.6e-2")
@@ -55,7 +58,8 @@ def main():
         args.steps, args.warmup, args.eval_every, args.eval_steps = 4, 1, 2, 1
         args.adamw_lrs, args.muon_lrs = "2e-3", "4e-3"
         args.extra = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--vocab-size", "300",
-                      "--seq-len", "32", "--batch-size", "2", "--data", os.path.join(ROOT, "nano")]
+                      "--seq-len", "32", "--batch-size", "2",
+                      "--data", os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py")]
 
     runs = {"adamw": [], "muon": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,8 +24,8 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 def newton_schulz(G, steps=5, dtype=None):
     """Approximate orthogonalisation U V^T of G = U S V^T, for a matrix (m, n) or a stack (E, m, n).
 
-    Runs in bf16 on CUDA (the iteration tolerates it, and the matmuls are 2x faster), in fp32 elsewhere;
-    `dtype` overrides. Returns G's shape in G's dtype.
+    Runs in bf16 on CUDA (the iteration tolerates its rounding, as in Keller Jordan's Muon), in fp32
+    elsewhere; `dtype` overrides. Returns G's shape in G's dtype.
     """
     a, b, c = NS_COEFFS
     dtype = dtype or (torch.bfloat16 if G.is_cuda else torch.float32)
@@ -54,8 +54,9 @@ class Muon(torch.optim.Optimizer):
     The scale is Moonlight's RMS matching (Liu et al. 2025, arXiv 2502.16982, section 2.2): an m x n
     orthogonal matrix has RMS 1 / sqrt(max(m, n)), so the scaled update has RMS 0.2 whatever the shape,
     about that of an AdamW update. One learning rate then suits every shape, and an AdamW learning rate
-    and weight decay are a good start (modded-nanogpt's sqrt(max(1, rows/cols)) instead keeps the
-    spectral norm, and wants a learning rate ~20x larger). Weight decay is decoupled, as in AdamW.
+    and weight decay are a good start. (modded-nanogpt's sqrt(max(1, rows/cols)) keeps the update's
+    spectral norm instead; its learning rates are then not comparable with AdamW's, by a factor that
+    depends on the shape.) Weight decay is decoupled, as in AdamW.
 
     Distributed: under DDP every process holds the full, all-reduced gradient and does the same
     orthogonalisation (redundant, simplest: no extra communication). Under FSDP2 parameters, gradients
