@@ -243,7 +243,7 @@ def main(argv):
             show_sample()
 
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg)  # logged: AdamW's; Muon's follows the same schedule from its own peak
         for name, optimizer in optimizers.items():
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, peak_lr(name, cfg))
