@@ -33,6 +33,7 @@ from nano.config import ModelConfig, parse_args
 from nano.data import PackedLoader, prepare_data
 from nano.generate import generate
 from nano.model import Block, Transformer
+from nano.optim import build_optimizers, lr_at, peak_lr
 from nano.runtime import autocast, flops_per_token, peak_flops, pick_device
 
 
@@ -71,6 +72,10 @@ def main(argv):
         model_cfg = ModelConfig(**state["model_config"])  # the architecture is the checkpoint's
         saved = state["train_config"]
         cfg = replace(cfg, data=saved["data"], tokenizer=saved["tokenizer"], seed=saved["seed"])
+        trained_with = saved.get("optimizer", "adamw")  # checkpoints from before Muon lack the field
+        if trained_with != cfg.optimizer:
+            raise ValueError(f"{path} was trained with --optimizer {trained_with}, not {cfg.optimizer}: "
+                             "its optimizer state does not carry over; resume with the same --optimizer")
         say(f"resuming from {path} at step {state['step']}")
     elif os.path.exists(ckpt_file) or os.path.exists(previous_path(ckpt_file)):
         raise ValueError(f"{cfg.out_dir} holds a checkpoint: pass --resume to continue it, or choose another "
@@ -148,27 +153,10 @@ def main(argv):
         return t
 
     # -------------------------------------------------------------------------
-    # optimizer: AdamW; no weight decay on norms, biases and embeddings
-    embedding = raw_model.tok_embeddings.weight
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2 and p is not embedding]
-    no_decay = [p for p in params if p.dim() < 2 or p is embedding]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    # optimizer: AdamW (no weight decay on norms, biases and embeddings), or with --optimizer muon, Muon for
+    # the hidden matrices and AdamW for the rest (nano/optim.py); both on the schedule of lr_at
+    optimizers = build_optimizers(raw_model, cfg, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    def lr_at(step):
-        """Linear warmup, then cosine to lr * min_lr_ratio, or WSD: flat, then linear over the last 20%."""
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        lo = cfg.lr * cfg.min_lr_ratio
-        if cfg.schedule == "wsd":
-            start = int(0.8 * cfg.max_steps)
-            frac = max(0.0, (step - start) / max(1, cfg.max_steps - start))
-            return cfg.lr - (cfg.lr - lo) * frac
-        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
 
     # full (unsharded) state dicts: a checkpoint resumes on any number of processes, and sample.py
     # reads it without torch.distributed
@@ -176,7 +164,7 @@ def main(argv):
     step = 0
     if state is not None:
         set_model_state_dict(raw_model, state["model"], options=full)
-        set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=full)
+        set_optimizer_state_dict(raw_model, list(optimizers.values()), state["optimizer"], options=full)
         scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -188,7 +176,7 @@ def main(argv):
 
     def checkpoint():
         model_sd = get_model_state_dict(raw_model, options=full)  # collective under FSDP: every rank calls
-        optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=full)
+        optim_sd = get_optimizer_state_dict(raw_model, list(optimizers.values()), options=full)
         if master:
             save_checkpoint(ckpt_file, {
                 "model": model_sd, "model_config": asdict(model_cfg), "train_config": asdict(cfg),
@@ -261,9 +249,10 @@ def main(argv):
             show_sample()
             t_read = time.perf_counter()
 
-        lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = lr_at(step, cfg)  # logged: AdamW's; Muon's follows the same schedule from its own peak
+        for name, optimizer in optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg, peak_lr(name, cfg))
         # Weight each micro-batch by its share of the step's (global) non-ignored targets, so the
         # gradient is that of the mean over all of them: independent of how rows are split into
         # micro-steps and processes (DDP/FSDP average over processes, hence the factor `world`).
@@ -278,7 +267,8 @@ def main(argv):
                 _, loss = model(x, y, cu_seqlens=cu)
             scaler.scale(loss * (counts[i] * world / total).float()).backward()
             loss_sum += loss.detach() * counts[i]
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers.values():
+            scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
         # the step's one host read: every logged scalar and the stop flag, in one vector
@@ -295,11 +285,12 @@ def main(argv):
             raise FloatingPointError(f"loss is {loss_value} at step {step}: stopping ({last}); try a lower --lr, "
                                      "--dtype bf16/fp32, or a smaller --grad-clip")
         scale_before = scaler.get_scale()
-        scaler.step(optimizer)
+        for optimizer in optimizers.values():
+            scaler.step(optimizer)
         scaler.update()
         if scaler.is_enabled() and scaler.get_scale() < scale_before:
             skipped += 1  # fp16 overflow: GradScaler skipped this update and lowered the scale
-        optimizer.zero_grad(set_to_none=True)
+        raw_model.zero_grad(set_to_none=True)
         raw_model.update_moe_bias()  # aux-loss-free MoE balancing; a no-op for dense models
         step += 1
 

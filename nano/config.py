@@ -117,7 +117,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     tokens_per_step: int = 0  # > 0: set grad_accum to reach this many tokens per optimizer step
     stop_after: int = 0  # > 0: checkpoint and exit after this many steps of this invocation (time slices)
-    lr: float = 1e-3
+    optimizer: str = "adamw"  # "adamw" | "muon" (Muon for hidden matrices, AdamW for the rest; nano/optim.py)
+    lr: float = 1e-3  # AdamW's peak learning rate
+    muon_lr: float | None = None  # Muon's peak learning rate; None = lr (Muon's update RMS matches AdamW's)
     min_lr_ratio: float = 0.1  # lr decays to lr * min_lr_ratio
     warmup_steps: int = 50
     schedule: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay, decay over the last 20%)
@@ -137,6 +139,7 @@ class TrainConfig:
         _check(self.grad_ckpt in ("none", "full", "selective"),
                f"grad_ckpt must be none|full|selective, got {self.grad_ckpt!r}")
         _check(self.parallel in ("ddp", "fsdp"), f"parallel must be ddp|fsdp, got {self.parallel!r}")
+        _check(self.optimizer in ("adamw", "muon"), f"optimizer must be adamw|muon, got {self.optimizer!r}")
         _check(self.schedule in ("cosine", "wsd"), f"schedule must be cosine|wsd, got {self.schedule!r}")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum"):
             _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")

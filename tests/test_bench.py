@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["loss", "moe", "decode", "tokenizer"])
+@pytest.mark.parametrize("name", ["loss", "moe", "decode", "tokenizer", "optim"])
 def test_bench_smoke(name, tmp_path):
     results = os.path.join(ROOT, "bench", "results")
     before = set(os.listdir(results)) if os.path.isdir(results) else set()
