@@ -42,44 +42,51 @@ import torch
 from nano.config import ModelConfig
 from nano.model import Transformer
 
-# Hugging Face name (regex) -> nano name
-HF_TO_NANO = [
-    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"layers.\1.attention.wq.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"layers.\1.attention.wk.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"layers.\1.attention.wv.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", r"layers.\1.attention.q_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", r"layers.\1.attention.k_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
-    # DeepSeek-V3: MLA (see the table in the module docstring)
-    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.weight", r"layers.\1.attention.wq_a.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_a_layernorm\.weight", r"layers.\1.attention.q_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.weight", r"layers.\1.attention.wq_b.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.weight", r"layers.\1.attention.wkv_a.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.kv_a_layernorm\.weight", r"layers.\1.attention.kv_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight", r"layers.\1.attention.wkv_b.weight"),
-    # DeepSeek-V3: MoE. Per-expert tensors get a temporary ".E" suffix and are stacked by _stack_experts.
-    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", r"layers.\1.feed_forward.gate.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", r"layers.\1.feed_forward.gate.expert_bias"),
-    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.gate_proj\.weight",
-     r"layers.\1.feed_forward.shared_experts.w1.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.up_proj\.weight",
-     r"layers.\1.feed_forward.shared_experts.w3.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.down_proj\.weight",
-     r"layers.\1.feed_forward.shared_experts.w2.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight", r"layers.\1.feed_forward.experts.w1.\2"),
-    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.up_proj\.weight", r"layers.\1.feed_forward.experts.w3.\2"),
-    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.down_proj\.weight", r"layers.\1.feed_forward.experts.w2.\2"),
-    (r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj", r"layers.\1.feed_forward.experts.gate_up"),
-    (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", r"layers.\1.feed_forward.experts.w2"),
+# Hugging Face name <-> nano name; "*" stands for a layer or an expert number. load_hf reads the tables left
+# to right, save_hf right to left (with the tables of the model's family only: a nano name such as
+# attention.q_norm is Qwen3's self_attn.q_norm in one family and DeepSeek's q_a_layernorm in the other).
+LLAMA_NAMES = [
+    ("model.embed_tokens.weight", "tok_embeddings.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("model.layers.*.input_layernorm.weight", "layers.*.attention_norm.weight"),
+    ("model.layers.*.post_attention_layernorm.weight", "layers.*.ffn_norm.weight"),
+    ("model.layers.*.self_attn.q_proj.weight", "layers.*.attention.wq.weight"),
+    ("model.layers.*.self_attn.k_proj.weight", "layers.*.attention.wk.weight"),
+    ("model.layers.*.self_attn.v_proj.weight", "layers.*.attention.wv.weight"),
+    ("model.layers.*.self_attn.o_proj.weight", "layers.*.attention.wo.weight"),
+    ("model.layers.*.mlp.gate_proj.weight", "layers.*.feed_forward.w1.weight"),
+    ("model.layers.*.mlp.up_proj.weight", "layers.*.feed_forward.w3.weight"),
+    ("model.layers.*.mlp.down_proj.weight", "layers.*.feed_forward.w2.weight"),
 ]
+QWEN3_NAMES = [
+    ("model.layers.*.self_attn.q_norm.weight", "layers.*.attention.q_norm.weight"),
+    ("model.layers.*.self_attn.k_norm.weight", "layers.*.attention.k_norm.weight"),
+]
+# DeepSeek-V3 (see the table in the module docstring): MLA, then MoE. Per-expert tensors get a
+# temporary ".E" suffix in nano's names and are stacked (load) or split (export) over E.
+DEEPSEEK_NAMES = [
+    ("model.layers.*.self_attn.q_a_proj.weight", "layers.*.attention.wq_a.weight"),
+    ("model.layers.*.self_attn.q_a_layernorm.weight", "layers.*.attention.q_norm.weight"),
+    ("model.layers.*.self_attn.q_b_proj.weight", "layers.*.attention.wq_b.weight"),
+    ("model.layers.*.self_attn.kv_a_proj_with_mqa.weight", "layers.*.attention.wkv_a.weight"),
+    ("model.layers.*.self_attn.kv_a_layernorm.weight", "layers.*.attention.kv_norm.weight"),
+    ("model.layers.*.self_attn.kv_b_proj.weight", "layers.*.attention.wkv_b.weight"),
+    ("model.layers.*.mlp.gate.weight", "layers.*.feed_forward.gate.weight"),
+    ("model.layers.*.mlp.gate.e_score_correction_bias", "layers.*.feed_forward.gate.expert_bias"),
+    ("model.layers.*.mlp.shared_experts.gate_proj.weight", "layers.*.feed_forward.shared_experts.w1.weight"),
+    ("model.layers.*.mlp.shared_experts.up_proj.weight", "layers.*.feed_forward.shared_experts.w3.weight"),
+    ("model.layers.*.mlp.shared_experts.down_proj.weight", "layers.*.feed_forward.shared_experts.w2.weight"),
+    ("model.layers.*.mlp.experts.*.gate_proj.weight", "layers.*.feed_forward.experts.w1.*"),
+    ("model.layers.*.mlp.experts.*.up_proj.weight", "layers.*.feed_forward.experts.w3.*"),
+    ("model.layers.*.mlp.experts.*.down_proj.weight", "layers.*.feed_forward.experts.w2.*"),
+]
+# transformers 5 saves the experts fused ((E, 2H, D) gate rows first, and (E, D, H)): read, never written
+FUSED_EXPERT_NAMES = [
+    ("model.layers.*.mlp.experts.gate_up_proj", "layers.*.feed_forward.experts.gate_up"),
+    ("model.layers.*.mlp.experts.down_proj", "layers.*.feed_forward.experts.w2"),
+]
+HF_TO_NANO = LLAMA_NAMES + QWEN3_NAMES + DEEPSEEK_NAMES + FUSED_EXPERT_NAMES
 
 # DeepSeek-V3 MTP layer model.layers.{n_layer + k}: its own parts (the rest is a decoder layer -> mtp.k.block)
 HF_MTP_TO_NANO = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
@@ -152,13 +159,27 @@ def _deepseek_config(hf, theta, scaling, mtp_depth):
         norm_topk_prob=hf.get("norm_topk_prob", True), mtp_depth=mtp_depth)
 
 
-def _deinterleave_rows(w, n_blocks, start, n):
-    """In each of n_blocks row blocks of w, rows start..start+n from interleaved RoPE pairs
-    (0,1),(2,3)... to nano's halves layout: evens first, then odds."""
+def rope_rows(w, n_blocks, start, n, *, to_interleaved=False):
+    """In each of n_blocks row blocks of w, reorder rows start..start+n from the interleaved RoPE layout
+    (pairs (0,1),(2,3)...: Meta, DeepSeek) to nano's halves layout (pairs (i, i + n/2), as Hugging Face's
+    Llama): evens first, then odds. `to_interleaved` is the inverse (export)."""
+    perm = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
+    if to_interleaved:
+        perm = perm.argsort()
     w = w.reshape(n_blocks, -1, w.shape[-1]).clone()
-    r = w[:, start:start + n]
-    w[:, start:start + n] = torch.cat([r[:, 0::2], r[:, 1::2]], dim=1)
+    w[:, start:start + n] = w[:, start:start + n][:, perm]
     return w.reshape(-1, w.shape[-1])
+
+
+def _deepseek_rope(state, config, *, to_interleaved=False):
+    """The RoPE rows of MLA's query (per head, after the nope rows) and of the shared key (after the
+    latent), in place on a nano-named state dict (MTP blocks included)."""
+    nope, rope = config.qk_nope_head_dim, config.qk_rope_head_dim
+    for name in state:
+        if name.endswith(("attention.wq.weight", "attention.wq_b.weight")):
+            state[name] = rope_rows(state[name], config.n_head, nope, rope, to_interleaved=to_interleaved)
+        elif name.endswith("attention.wkv_a.weight"):
+            state[name] = rope_rows(state[name], 1, config.kv_lora_rank, rope, to_interleaved=to_interleaved)
 
 
 def _deepseek_state(state, config, hf):
@@ -180,12 +201,7 @@ def _deepseek_state(state, config, hf):
                                  f"0..{config.n_routed_experts - 1}")
             out[name] = torch.stack([v[e] for e in range(config.n_routed_experts)])
     if hf.get("rope_interleave", True):
-        nope, rope = config.qk_nope_head_dim, config.qk_rope_head_dim
-        for name in out:
-            if name.endswith(("attention.wq.weight", "attention.wq_b.weight")):
-                out[name] = _deinterleave_rows(out[name], config.n_head, nope, rope)
-            elif name.endswith("attention.wkv_a.weight"):
-                out[name] = _deinterleave_rows(out[name], 1, config.kv_lora_rank, rope)
+        _deepseek_rope(out, config)
     return out
 
 
@@ -213,10 +229,14 @@ def _rename_mtp(name, n_layer):
     return None if inner is None else f"mtp.{k}.block." + inner[len("layers.0."):]
 
 
-def rename(name, table=HF_TO_NANO):
-    for pattern, repl in table:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
+def rename(name, table=HF_TO_NANO, *, reverse=False):
+    """`name` through the first (from, to) pair of `table` that matches it (to -> from with `reverse`);
+    None if none does. A "*" matches a number and carries it over."""
+    for src, dst in table:
+        src, dst = (dst, src) if reverse else (src, dst)
+        m = re.fullmatch(re.escape(src).replace(r"\*", r"(\d+)"), name)
+        if m:
+            return dst.replace("*", "{}").format(*m.groups())
     return None
 
 
@@ -281,13 +301,6 @@ def load_hf(path, *, dtype=torch.float32, device="cpu"):
 # -----------------------------------------------------------------------------
 # Meta's original Llama-3 layout: params.json, consolidated.*.pth, tokenizer.model
 
-def _permute_rotary(w, n_heads):
-    """Meta's RoPE rotates interleaved pairs (0,1),(2,3)...; nano (and HF) rotate (i, i + D/2).
-    Reordering the rows of wq/wk per head turns one into the other."""
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-
 def load_meta(path, *, dtype=torch.float32, device="cpu"):
     """Transformer from Meta's Llama-3 release layout (one or more consolidated.*.pth shards merged
     only for a single shard: the 1B/3B/8B releases)."""
@@ -313,8 +326,8 @@ def load_meta(path, *, dtype=torch.float32, device="cpu"):
         intermediate_size=state["layers.0.feed_forward.w1.weight"].shape[0], max_seq_len=8192,
         rope_theta=p.get("rope_theta", 500000.0), rope_scaling=scaling, norm_eps=p.get("norm_eps", 1e-5),
         tie_embeddings="output.weight" not in state)
-    for i in range(config.n_layer):
+    for i in range(config.n_layer):  # Meta's RoPE rotates interleaved pairs, over the whole head
         for name, heads in (("wq", n_head), ("wk", n_kv)):
             key = f"layers.{i}.attention.{name}.weight"
-            state[key] = _permute_rotary(state[key], heads)
+            state[key] = rope_rows(state[key], heads, 0, state[key].shape[0] // heads)
     return _build(config, state, dtype, device)
