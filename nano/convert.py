@@ -36,6 +36,8 @@ import glob
 import json
 import os
 import re
+import shutil
+import tempfile
 
 import torch
 
@@ -240,11 +242,16 @@ def rename(name, table=HF_TO_NANO, *, reverse=False):
     return None
 
 
-def _load_safetensors(path):
+def _safetensors():
     try:
-        from safetensors.torch import load_file
+        import safetensors.torch
     except ImportError:
-        raise ImportError("loading Hugging Face checkpoints needs safetensors: pip install -e '.[hf]'") from None
+        raise ImportError("Hugging Face checkpoints need safetensors: pip install -e '.[hf]'") from None
+    return safetensors.torch
+
+
+def _load_safetensors(path):
+    load_file = _safetensors().load_file
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
@@ -299,6 +306,175 @@ def load_hf(path, *, dtype=torch.float32, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# Export: the inverse of load_hf
+
+def hf_family(config):
+    """The Hugging Face model_type that runs `config` exactly: llama (GQA), qwen3 (GQA + QK-norm) or
+    deepseek_v3 (MLA, MoE, MTP). A setting none of them has raises ValueError naming the field."""
+    c = config
+    if c.attn == "gqa":
+        for name, value, why in (("n_routed_experts", c.n_routed_experts, "experts"),
+                                 ("mtp_depth", c.mtp_depth, "MTP modules")):
+            if value:
+                raise ValueError(f"{name}={value}: Hugging Face's Llama and Qwen3 have no {why}; only "
+                                 "DeepseekV3ForCausalLM does, which needs attn='mla'")
+        return "qwen3" if c.qk_norm else "llama"
+    if c.qk_norm:
+        raise ValueError("qk_norm=True with attn='mla': DeepseekV3ForCausalLM has no QK-norm")
+    if c.n_routed_experts and c.score_func != "sigmoid":
+        raise ValueError(f"score_func={c.score_func!r}: DeepseekV3ForCausalLM routes with a sigmoid only")
+    if c.n_routed_experts and not c.n_shared_experts:
+        raise ValueError("n_shared_experts=0: DeepseekV3ForCausalLM always runs at least one shared expert")
+    return "deepseek_v3"
+
+
+def to_hf_config(config, tokenizer=None, dtype=torch.float32):
+    """config.json of the model (the inverse of hf_config): every field its family reads, so that
+    transformers and vLLM need no defaults of theirs."""
+    c, kind = config, hf_family(config)
+    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_id") if tokenizer else None
+           for role in ("bos", "eos", "pad")}
+    scaling = c.rope_scaling and {"rope_type": "llama3", **c.rope_scaling}
+    hf = dict(architectures=[SUPPORTED[kind]], model_type=kind, vocab_size=c.vocab_size, hidden_size=c.n_embd,
+              intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+              num_key_value_heads=c.n_kv_head, hidden_act="silu", max_position_embeddings=c.max_seq_len,
+              rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, rope_scaling=scaling,
+              tie_word_embeddings=c.tie_embeddings, attention_bias=False, attention_dropout=0.0,
+              initializer_range=0.02, use_cache=True, torch_dtype=str(dtype).removeprefix("torch."), **ids)
+    if kind == "llama":
+        hf.update(head_dim=c.head_dim, mlp_bias=False, pretraining_tp=1)
+    elif kind == "qwen3":
+        hf.update(head_dim=c.head_dim, use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layer)
+    else:
+        # a dense MLA model: every layer (MTP ones included) before first_k_dense_replace is dense
+        moe = c.n_routed_experts > 0
+        hf.update(num_key_value_heads=c.n_head, q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank,
+                  qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+                  v_head_dim=c.v_head_dim, rope_interleave=True, n_routed_experts=c.n_routed_experts,
+                  n_shared_experts=c.n_shared_experts, num_experts_per_tok=c.num_experts_per_tok,
+                  moe_intermediate_size=c.moe_intermediate_size, n_group=c.n_group, topk_group=c.topk_group,
+                  routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=c.norm_topk_prob,
+                  first_k_dense_replace=c.first_k_dense_replace if moe else c.n_layer + c.mtp_depth,
+                  scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, ep_size=1,
+                  num_nextn_predict_layers=c.mtp_depth)
+    return hf
+
+
+def _export_names(config):
+    """The name tables of the model's family, for save_hf (right to left)."""
+    return LLAMA_NAMES + {"llama": [], "qwen3": QWEN3_NAMES, "deepseek_v3": DEEPSEEK_NAMES}[hf_family(config)]
+
+
+def hf_state(model):
+    """Hugging Face tensors of a nano model: load_hf's steps undone in reverse order (RoPE rows
+    re-interleaved and experts split for DeepSeek-V3, then the names)."""
+    c, table = model.config, _export_names(model.config)
+    state = dict(model.state_dict())
+    if c.tie_embeddings:
+        del state["output.weight"]  # transformers ties it back from tie_word_embeddings
+    if c.attn == "mla":
+        _deepseek_rope(state, c, to_interleaved=True)
+        for name in [n for n in state if re.search(r"\.experts\.w[123]$", n)]:
+            for e, t in enumerate(state.pop(name)):
+                state[f"{name}.{e}"] = t
+    out = {}
+    for name, t in state.items():
+        m = re.fullmatch(r"mtp\.(\d+)\.(.*)", name)
+        hf = _mtp_to_hf(int(m.group(1)), m.group(2), c.n_layer, table) if m else rename(name, table, reverse=True)
+        if hf is None:
+            raise ValueError(f"nano tensor {name!r} has no Hugging Face name in convert.py's tables")
+        out[hf] = t
+    for k in range(c.mtp_depth):  # DeepSeek's release layout gives each MTP layer copies of these (vLLM reads them)
+        out[f"model.layers.{c.n_layer + k}.embed_tokens.weight"] = model.tok_embeddings.weight.detach()
+        out[f"model.layers.{c.n_layer + k}.shared_head.head.weight"] = model.output.weight.detach()
+    return out
+
+
+def _mtp_to_hf(k, rest, n_layer, table):
+    """Hugging Face name of MTP module k's tensor `rest`: the inverse of _rename_mtp."""
+    prefix, own = f"model.layers.{n_layer + k}.", {v: h for h, v in HF_MTP_TO_NANO.items()}
+    if rest in own:
+        return prefix + own[rest]
+    inner = rename("layers.0." + rest.removeprefix("block."), table, reverse=True)
+    return inner and prefix + inner.removeprefix("model.layers.0.")
+
+
+def _save_shards(tensors, folder, max_shard_bytes):
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when the
+    tensors exceed max_shard_bytes (a tensor larger than that gets a shard of its own)."""
+    save_file = _safetensors().save_file
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for file, names in zip(files, shards):
+        # clone: safetensors refuses tensors that share memory (expert slices, the MTP layers' copies);
+        # "format: pt" is the metadata transformers checks for
+        save_file({n: tensors[n].detach().cpu().contiguous().clone() for n in names}, os.path.join(folder, file),
+                  metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, ns in zip(files, shards) for n in ns}}
+        _write_json(os.path.join(folder, "model.safetensors.index.json"), index)
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_hf(model, path, tokenizer=None, *, force=False, max_shard_bytes=5 << 30):
+    """Write `model` (and its tokenizer) as a Hugging Face folder that transformers' AutoModelForCausalLM and
+    AutoTokenizer load: config.json, model.safetensors (sharded above max_shard_bytes), generation_config.json,
+    tokenizer.json and tokenizer_config.json. load_hf(path) gives back the same tensors. Everything is written
+    into a temp folder beside `path` and renamed at the end: an export that fails leaves no `path`. An
+    existing non-empty `path` is refused unless `force`."""
+    dtype = model.tok_embeddings.weight.dtype
+    config = to_hf_config(model.config, tokenizer, dtype)  # refuses before anything is written
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocab_size "
+                         f"({model.config.vocab_size}): is it the model's tokenizer?")
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} is a file; give a folder to export into")
+    if os.path.isdir(path) and os.listdir(path) and not force:
+        raise FileExistsError(f"{path} exists and is not empty; choose another folder or pass --force "
+                              "(force=True) to replace it")
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".partial", dir=parent)
+    old = None
+    try:
+        _write_json(os.path.join(tmp, "config.json"), config)
+        _write_json(os.path.join(tmp, "generation_config.json"),
+                    {k: v for k, v in config.items() if k.endswith("_token_id")})
+        if tokenizer is not None:
+            for name, obj in tokenizer.hf_files().items():
+                _write_json(os.path.join(tmp, name), obj)
+        _save_shards(hf_state(model), tmp, max_shard_bytes)
+        if os.path.isdir(path):  # move the old folder aside, rename, then delete it
+            old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
+            os.rename(path, os.path.join(old, base))
+        os.rename(tmp, path)
+    except BaseException:  # Ctrl-C included: no half-written folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.exists(path):
+            os.rename(os.path.join(old, base), path)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+# -----------------------------------------------------------------------------
 # Meta's original Llama-3 layout: params.json, consolidated.*.pth, tokenizer.model
 
 def load_meta(path, *, dtype=torch.float32, device="cpu"):
@@ -331,3 +507,36 @@ def load_meta(path, *, dtype=torch.float32, device="cpu"):
             key = f"layers.{i}.attention.{name}.weight"
             state[key] = rope_rows(state[key], heads, 0, state[key].shape[0] // heads)
     return _build(config, state, dtype, device)
+
+
+# -----------------------------------------------------------------------------
+# python -m nano.convert export RUN_DIR OUT_DIR
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv=None):
+    from nano.checkpoint import load_checkpoint, model_from_checkpoint
+    from nano.config import OneLineParser
+    from nano.tokenizer import Tokenizer
+    p = OneLineParser(prog="python -m nano.convert", description="convert nano models")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="a nano run directory -> a Hugging Face folder (weights, config, tokenizer)")
+    e.add_argument("run_dir", help="run directory with ckpt.pt (or a checkpoint file)")
+    e.add_argument("out_dir", help="folder to create (refused if it exists and is not empty)")
+    e.add_argument("--force", action="store_true", help="replace an existing out_dir")
+    e.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the exported weights")
+    e.add_argument("--max-shard-gb", type=float, default=5.0, help="split the weights into files of this size")
+    args = p.parse_args(argv)
+    try:
+        state = load_checkpoint(args.run_dir)
+        model = model_from_checkpoint(state).to(DTYPES[args.dtype])
+        path = save_hf(model, args.out_dir, Tokenizer.from_state(state["tokenizer"]), force=args.force,
+                       max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except (ValueError, OSError, ImportError) as err:  # bad input: one line, exit code 2
+        p.exit(2, f"{p.prog}: error: {err}\n")
+    print(f"exported {args.run_dir} (step {state['step']}) as {SUPPORTED[hf_family(model.config)]} to {path}")
+
+
+if __name__ == "__main__":
+    main()
