@@ -84,7 +84,7 @@ class Tokenizer:
         return {"tokenizer.json": self._hf_tokenizer_json(), "tokenizer_config.json": {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos, "eos_token": self.eos,
             "pad_token": self.pad, "add_bos_token": True, "add_eos_token": False,
-            # transformers would otherwise "clean up" " ." to "." when decoding, which tiktoken never does
+            # transformers 4 would otherwise "clean up" " ." to "." when decoding (5 skips it for BPE)
             "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}}
 
     def _hf_tokenizer_json(self):

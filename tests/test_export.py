@@ -18,7 +18,7 @@ from nano.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpo
 from nano.config import ModelConfig  # noqa: E402
 from nano.convert import SUPPORTED, hf_family, load_hf, rope_rows, save_hf  # noqa: E402
 from nano.model import Transformer  # noqa: E402
-from nano.tokenizer import Tokenizer  # noqa: E402
+from nano.tokenizer import GPT4_SPLIT, NANO_SPECIALS, Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--vocab-size", "600", "--seq-len", "64",
@@ -36,7 +36,7 @@ TEXTS = ["Hello, world!", "  leading spaces\n\n\n  trailing   ", "123456789 1,23
          "naïve café, Straße, İstanbul, ǅ", "日本語のテキスト 中文 한국어", "emoji 🙂🚀👍🏽 👨\u200d👩\u200d👧 💩💩",
          "no\u00a0break\u3000ideographic\u2003em\u2028line", "it's I'M they'll WE'VE you'd",
          "def f(x):\n    return {k: v ** 2 for k, v in x.items()}  # dict\n", "x" * 40 + " " * 9 + "\n \n",
-         "aba" * 12, "", " ", "\n"]
+         "aba" * 12, "spaced , out . like ! this ? it 's do n't", "", " ", "\n"]
 
 
 @pytest.fixture(autouse=True)
@@ -235,6 +235,19 @@ def test_auto_tokenizer_matches_nano(runs, corpus, flavour, tmp_path):
         assert hf.convert_tokens_to_ids(t) == i and hf.decode([i]) == t
         assert hf(t, add_special_tokens=False).input_ids == [i]  # spelled out, it is the special token
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+def test_auto_tokenizer_takes_whole_chunk_tokens(tmp_path):
+    """tiktoken looks a whole chunk up before merging (Llama-3 has tokens that its merges never build):
+    a token with no merge leading to it is still found."""
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({b"ab": 256, b" abc": 257})  # " abc" is not reachable: no " a", "bc" or " ab" token
+    tok = Tokenizer("t", GPT4_SPLIT, ranks, {"<|bos|>": 258, "<|eos|>": 259, "<|pad|>": 260}, *NANO_SPECIALS)
+    save_hf(Transformer(ModelConfig(vocab_size=261, n_layer=1, n_head=2, n_embd=16)), tmp_path / "out", tok)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    for text in (" abc", "abc", " abcd", "xab abc"):
+        assert hf(text, add_special_tokens=False).input_ids == tok.encode(text), text
+    assert tok.encode(" abc") == [257]
 
 
 # -----------------------------------------------------------------------------
