@@ -1,7 +1,12 @@
-"""Load Hugging Face (Llama, Qwen3, DeepSeek-V3) and Meta Llama-3 checkpoints into nano's Transformer.
+"""Load Hugging Face (Llama, Qwen3, DeepSeek-V3) and Meta Llama-3 checkpoints into nano's Transformer, and
+export nano models to Hugging Face format (save_hf, `python -m nano.convert export RUN_DIR OUT_DIR`).
 
 nano's parameter names are Meta's, so Meta checkpoints load as they are (RoPE weights permuted to
-the rotate-half layout) and Hugging Face checkpoints go through the table below.
+the rotate-half layout) and Hugging Face checkpoints go through the name tables below. Export is the
+same steps undone, through the same tables and the same RoPE permutation: a dense model with GQA is a
+LlamaForCausalLM, with QK-norm a Qwen3ForCausalLM, with MLA (and MoE, MTP) a DeepseekV3ForCausalLM
+in DeepSeek's own release layout (interleaved RoPE rows, one tensor per expert, MTP layers after the
+last layer), which transformers, vLLM and DeepSeek's code read.
 
 DeepSeek-V3 (model_type "deepseek_v3", DeepseekV3ForCausalLM), per layer N (prefix model.layers.N.):
 
@@ -335,25 +340,28 @@ def to_hf_config(config, tokenizer=None, dtype=torch.float32):
     ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_id") if tokenizer else None
            for role in ("bos", "eos", "pad")}
     scaling = c.rope_scaling and {"rope_type": "llama3", **c.rope_scaling}
-    hf = dict(architectures=[SUPPORTED[kind]], model_type=kind, vocab_size=c.vocab_size, hidden_size=c.n_embd,
-              intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-              num_key_value_heads=c.n_kv_head, hidden_act="silu", max_position_embeddings=c.max_seq_len,
-              rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, rope_scaling=scaling,
-              tie_word_embeddings=c.tie_embeddings, attention_bias=False, attention_dropout=0.0,
-              initializer_range=0.02, use_cache=True, torch_dtype=str(dtype).removeprefix("torch."), **ids)
+    hf = dict(architectures=[SUPPORTED[kind]], model_type=kind, vocab_size=c.vocab_size,
+              hidden_size=c.n_embd, intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer,
+              num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, hidden_act="silu",
+              max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+              rope_scaling=scaling, tie_word_embeddings=c.tie_embeddings, attention_bias=False,
+              attention_dropout=0.0, initializer_range=0.02, use_cache=True,
+              torch_dtype=str(dtype).removeprefix("torch."), **ids)
     if kind == "llama":
         hf.update(head_dim=c.head_dim, mlp_bias=False, pretraining_tp=1)
     elif kind == "qwen3":
-        hf.update(head_dim=c.head_dim, use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layer)
+        hf.update(head_dim=c.head_dim, use_sliding_window=False, sliding_window=None,
+                  max_window_layers=c.n_layer)
     else:
         # a dense MLA model: every layer (MTP ones included) before first_k_dense_replace is dense
         moe = c.n_routed_experts > 0
-        hf.update(num_key_value_heads=c.n_head, q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank,
-                  qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
-                  v_head_dim=c.v_head_dim, rope_interleave=True, n_routed_experts=c.n_routed_experts,
-                  n_shared_experts=c.n_shared_experts, num_experts_per_tok=c.num_experts_per_tok,
-                  moe_intermediate_size=c.moe_intermediate_size, n_group=c.n_group, topk_group=c.topk_group,
-                  routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=c.norm_topk_prob,
+        hf.update(num_key_value_heads=c.n_head, q_lora_rank=c.q_lora_rank or None,
+                  kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
+                  qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, rope_interleave=True,
+                  n_routed_experts=c.n_routed_experts, n_shared_experts=c.n_shared_experts,
+                  num_experts_per_tok=c.num_experts_per_tok, moe_intermediate_size=c.moe_intermediate_size,
+                  n_group=c.n_group, topk_group=c.topk_group, routed_scaling_factor=c.routed_scaling_factor,
+                  norm_topk_prob=c.norm_topk_prob,
                   first_k_dense_replace=c.first_k_dense_replace if moe else c.n_layer + c.mtp_depth,
                   scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, ep_size=1,
                   num_nextn_predict_layers=c.mtp_depth)
@@ -380,11 +388,14 @@ def hf_state(model):
     out = {}
     for name, t in state.items():
         m = re.fullmatch(r"mtp\.(\d+)\.(.*)", name)
-        hf = _mtp_to_hf(int(m.group(1)), m.group(2), c.n_layer, table) if m else rename(name, table, reverse=True)
+        if m:
+            hf = _mtp_to_hf(int(m.group(1)), m.group(2), c.n_layer, table)
+        else:
+            hf = rename(name, table, reverse=True)
         if hf is None:
             raise ValueError(f"nano tensor {name!r} has no Hugging Face name in convert.py's tables")
         out[hf] = t
-    for k in range(c.mtp_depth):  # DeepSeek's release layout gives each MTP layer copies of these (vLLM reads them)
+    for k in range(c.mtp_depth):  # DeepSeek's release layout: each MTP layer carries copies of these
         out[f"model.layers.{c.n_layer + k}.embed_tokens.weight"] = model.tok_embeddings.weight.detach()
         out[f"model.layers.{c.n_layer + k}.shared_head.head.weight"] = model.output.weight.detach()
     return out
@@ -416,11 +427,12 @@ def _save_shards(tensors, folder, max_shard_bytes):
     for file, names in zip(files, shards):
         # clone: safetensors refuses tensors that share memory (expert slices, the MTP layers' copies);
         # "format: pt" is the metadata transformers checks for
-        save_file({n: tensors[n].detach().cpu().contiguous().clone() for n in names}, os.path.join(folder, file),
-                  metadata={"format": "pt"})
+        shard = {n: tensors[n].detach().cpu().contiguous().clone() for n in names}
+        save_file(shard, os.path.join(folder, file), metadata={"format": "pt"})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, ns in zip(files, shards) for n in ns}}
+        where = {n: f for f, ns in zip(files, shards) for n in ns}
+        index = {"metadata": {"total_size": total}, "weight_map": where}
         _write_json(os.path.join(folder, "model.safetensors.index.json"), index)
 
 
@@ -431,11 +443,11 @@ def _write_json(path, obj):
 
 
 def save_hf(model, path, tokenizer=None, *, force=False, max_shard_bytes=5 << 30):
-    """Write `model` (and its tokenizer) as a Hugging Face folder that transformers' AutoModelForCausalLM and
-    AutoTokenizer load: config.json, model.safetensors (sharded above max_shard_bytes), generation_config.json,
-    tokenizer.json and tokenizer_config.json. load_hf(path) gives back the same tensors. Everything is written
-    into a temp folder beside `path` and renamed at the end: an export that fails leaves no `path`. An
-    existing non-empty `path` is refused unless `force`."""
+    """Write `model` (and its tokenizer) as a Hugging Face folder that transformers' AutoModelForCausalLM
+    and AutoTokenizer load: config.json, model.safetensors (sharded above max_shard_bytes),
+    generation_config.json, tokenizer.json and tokenizer_config.json; load_hf(path) gives back the same
+    tensors. Everything is written into a temp folder beside `path` and renamed at the end: an export that
+    fails leaves no `path`. An existing non-empty `path` is refused unless `force`."""
     dtype = model.tok_embeddings.weight.dtype
     config = to_hf_config(model.config, tokenizer, dtype)  # refuses before anything is written
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
@@ -521,12 +533,12 @@ def main(argv=None):
     from nano.tokenizer import Tokenizer
     p = OneLineParser(prog="python -m nano.convert", description="convert nano models")
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export", help="a nano run directory -> a Hugging Face folder (weights, config, tokenizer)")
+    e = sub.add_parser("export", help="a nano run directory -> a Hugging Face folder (weights, tokenizer)")
     e.add_argument("run_dir", help="run directory with ckpt.pt (or a checkpoint file)")
     e.add_argument("out_dir", help="folder to create (refused if it exists and is not empty)")
     e.add_argument("--force", action="store_true", help="replace an existing out_dir")
     e.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the exported weights")
-    e.add_argument("--max-shard-gb", type=float, default=5.0, help="split the weights into files of this size")
+    e.add_argument("--max-shard-gb", type=float, default=5.0, help="weights files of at most this size")
     args = p.parse_args(argv)
     try:
         state = load_checkpoint(args.run_dir)

@@ -112,11 +112,14 @@ class Tokenizer:
             "post_processor": {
                 "type": "TemplateProcessing",
                 "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+                "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                         bos, {"Sequence": {"id": "B", "type_id": 1}}],
                 "special_tokens": {self.bos: {"id": self.bos, "ids": [self.bos_id], "tokens": [self.bos]}}},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                        "use_regex": False},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": True,
                       "vocab": {text(tok): r for tok, r in ranked}, "merges": merges},
         }
 
@@ -189,7 +192,8 @@ def _byte_chars():
     """GPT-2's byte-level alphabet, which every byte-level tokenizer.json uses: byte -> a printable
     character, printable ASCII and Latin-1 bytes as themselves, the other 68 as chr(256 + n) in byte order
     (so no token string holds a space or a control character)."""
-    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)}
     out, n = {}, 0
     for b in range(256):
         out[b] = chr(b) if b in keep else chr(256 + n)

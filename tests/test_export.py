@@ -22,18 +22,23 @@ from nano.tokenizer import GPT4_SPLIT, NANO_SPECIALS, Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--vocab-size", "600", "--seq-len", "64",
-         "--batch-size", "4", "--max-steps", "3", "--eval-every", "100", "--eval-steps", "1", "--sample-every", "0"]
+         "--batch-size", "4", "--max-steps", "3", "--eval-every", "100", "--eval-steps", "1",
+         "--sample-every", "0"]
+# Llama-3.1 RoPE scaling, active beyond 16 positions
+SCALING = ["--rope-theta", "500000", "--rope-scaling", json.dumps(
+    {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16})]
 ARCHS = {  # one run per Hugging Face family
-    "llama": ["--preset", "tiny", "--n-kv-head", "2"],
+    "llama": ["--preset", "tiny", "--n-kv-head", "2", *SCALING],
     "qwen3": ["--preset", "tiny", "--n-kv-head", "2", "--qk-norm", "true", "--head-dim", "24"],
     "deepseek_v3": ["--preset", "deepseek-tiny", "--q-lora-rank", "16", "--kv-lora-rank", "12",
                     "--qk-nope-head-dim", "8", "--qk-rope-head-dim", "6", "--v-head-dim", "10",
                     "--n-routed-experts", "6", "--moe-intermediate-size", "16", "--n-group", "3",
                     "--topk-group", "2", "--routed-scaling-factor", "1.5", "--intermediate-size", "48",
-                    "--mtp-depth", "2", "--tie-embeddings", "false"],
+                    "--mtp-depth", "2", "--tie-embeddings", "false", *SCALING],
 }
-TEXTS = ["Hello, world!", "  leading spaces\n\n\n  trailing   ", "123456789 1,234.56 3.14159", "\t\ttabs\r\n\r\nCRLF",
-         "naïve café, Straße, İstanbul, ǅ", "日本語のテキスト 中文 한국어", "emoji 🙂🚀👍🏽 👨\u200d👩\u200d👧 💩💩",
+TEXTS = ["Hello, world!", "  leading spaces\n\n\n  trailing   ", "123456789 1,234.56 3.14159",
+         "\t\ttabs\r\n\r\nCRLF", "naïve café, Straße, İstanbul, ǅ", "日本語のテキスト 中文 한국어",
+         "emoji 🙂🚀👍🏽 👨\u200d👩\u200d👧 💩💩",
          "no\u00a0break\u3000ideographic\u2003em\u2028line", "it's I'M they'll WE'VE you'd",
          "def f(x):\n    return {k: v ** 2 for k, v in x.items()}  # dict\n", "x" * 40 + " " * 9 + "\n \n",
          "aba" * 12, "spaced , out . like ! this ? it 's do n't", "", " ", "\n"]
@@ -156,7 +161,7 @@ def test_transformers_logits_match(exported, arch, tmp_path):
             return t
     else:
         def bad(name, t):
-            heads = c.n_head if name.endswith("q_proj.weight") else c.n_kv_head if name.endswith("k_proj.weight") else 0
+            heads = {"q_proj": c.n_head, "k_proj": c.n_kv_head}.get(name.split(".")[-2])
             return rope_rows(t, heads, 0, c.head_dim, to_interleaved=True) if heads else t
     rewrite(wrong, bad)
     assert logits_diff(wrong, model) > 1e-2
@@ -170,7 +175,8 @@ def test_transformers_mtp_logits_match(exported):
     # transformers finds MTP weights by its DeepSeek-V3 pattern "model.layers.61" (the full model's
     # layer count); point it at this model's MTP layers
     c = model.config
-    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{c.n_layer + k}\..*" for k in range(c.mtp_depth)]
+    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{c.n_layer + k}\..*"
+                                             for k in range(c.mtp_depth)]
     mtp = MtpModel.from_pretrained(hf).eval()
     T = 21
     idx = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(2))
@@ -201,9 +207,10 @@ def test_round_trip_bit_exact_and_sharded(exported, arch):
 
 def test_dense_mla_is_deepseek_with_dense_layers(tmp_path):
     torch.manual_seed(0)
-    model = peak(Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, attn="mla", q_lora_rank=0,
-                                         kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                                         intermediate_size=48, max_seq_len=64))).eval()
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=32, attn="mla", q_lora_rank=0,
+                      kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                      intermediate_size=48, max_seq_len=64)
+    model = peak(Transformer(cfg)).eval()
     save_hf(model, tmp_path / "out")
     assert logits_diff(str(tmp_path / "out"), model) <= 1e-4
     back = load_hf(str(tmp_path / "out")).state_dict()
@@ -229,7 +236,8 @@ def test_auto_tokenizer_matches_nano(runs, corpus, flavour, tmp_path):
     for text in TEXTS + docs + [specials_as_text]:
         ids = tok.encode(text)
         assert hf(text, add_special_tokens=False, split_special_tokens=True).input_ids == ids, text[:50]
-        assert hf(text, split_special_tokens=True).input_ids == [tok.bos_id] + ids  # <bos> first, as nano trains
+        # <bos> first by default, as in training
+        assert hf(text, split_special_tokens=True).input_ids == [tok.bos_id] + ids
         assert hf.decode(ids) == text
     for t, i in tok.special_tokens.items():
         assert hf.convert_tokens_to_ids(t) == i and hf.decode([i]) == t
