@@ -335,3 +335,11 @@ def test_interrupted_export_leaves_no_new_folder(monkeypatch, tmp_path, existing
         save_hf(model, out, force=True, max_shard_bytes=1000)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == (["out"] if existing else [])
+
+
+def test_tokenizer_larger_than_the_model_is_refused(runs, tmp_path):
+    tok = load_run(runs("llama"))[1]
+    with pytest.raises(ValueError, match="more than the model's vocab_size"):
+        save_hf(Transformer(ModelConfig(vocab_size=tok.vocab_size - 1, n_layer=1, n_head=2, n_embd=16)),
+                tmp_path / "out", tok)
+    assert os.listdir(tmp_path) == []
