@@ -90,8 +90,8 @@ class Tokenizer:
     def _hf_tokenizer_json(self):
         # Hugging Face's BPE merges the pair of lowest merge rank; tiktoken merges the adjacent pair whose
         # bytes have the lowest token rank. So every split (a, b) of a token into two tokens is a merge,
-        # ranked by the token. (Where two different pairs of one chunk make the same token, tiktoken takes
-        # the leftmost and Hugging Face the first listed: a rare tie, e.g. "ab|a|ba" -> "aba".)
+        # ranked by the token. (Two different pairs making one token, both in a chunk at once, would be
+        # taken leftmost first by tiktoken and in list order by Hugging Face; the tests found no such case.)
         # ignore_merges: a chunk that is a token is that token, as in tiktoken.
         chars = _byte_chars()
         text = lambda b: "".join(chars[x] for x in b)  # noqa: E731

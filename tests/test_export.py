@@ -2,7 +2,9 @@
 nano.convert export`, and read back by transformers (the oracle: logits, MTP logits, tokenizer ids) and by
 load_hf (bit-exact round trip). Refusals leave nothing behind."""
 import json
+import itertools
 import os
+import random
 import subprocess
 import sys
 import sysconfig
@@ -256,6 +258,26 @@ def test_auto_tokenizer_takes_whole_chunk_tokens(tmp_path):
     for text in (" abc", "abc", " abcd", "xab abc"):
         assert hf(text, add_special_tokens=False).input_ids == tok.encode(text), text
     assert tok.encode(" abc") == [257]
+
+
+def test_auto_tokenizer_matches_tiktoken_on_random_vocabularies(tmp_path):
+    """tiktoken merges the adjacent pair whose bytes make the lowest-ranked token, Hugging Face the pair
+    listed first among the merges: on small random vocabularies, every string of a, b, c up to length 6
+    gets the same ids."""
+    strings = ["".join(w) for n in range(1, 7) for w in itertools.product("abc", repeat=n)]
+    for seed in range(4):
+        rnd, ranks, pieces = random.Random(seed), {bytes([b]): b for b in range(256)}, [b"a", b"b", b"c"]
+        while len(ranks) < 256 + 24:  # each new token joins two existing ones, as BPE training does
+            t = rnd.choice(pieces) + rnd.choice(pieces)
+            if t not in ranks and len(t) <= 5:
+                ranks[t] = len(ranks)
+                pieces.append(t)
+        specials = {s: len(ranks) + i for i, s in enumerate(NANO_SPECIALS)}
+        tok = Tokenizer("t", GPT4_SPLIT, ranks, specials, *NANO_SPECIALS)
+        out = tmp_path / str(seed)
+        save_hf(Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16)), out, tok)
+        hf = transformers.AutoTokenizer.from_pretrained(str(out))
+        assert hf(strings, add_special_tokens=False).input_ids == [tok.encode(s) for s in strings], seed
 
 
 # -----------------------------------------------------------------------------
