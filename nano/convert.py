@@ -334,8 +334,8 @@ def hf_family(config):
 
 
 def to_hf_config(config, tokenizer=None, dtype=torch.float32):
-    """config.json of the model (the inverse of hf_config): every field its family reads, so that
-    transformers and vLLM need no defaults of theirs."""
+    """config.json of the model (the inverse of hf_config): every field of its family's config, written
+    out rather than left to the reader's defaults (which differ between transformers versions)."""
     c, kind = config, hf_family(config)
     ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_id") if tokenizer else None
            for role in ("bos", "eos", "pad")}
