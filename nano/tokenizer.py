@@ -77,6 +77,52 @@ class Tokenizer:
     def __repr__(self):
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
+    def hf_files(self):
+        """tokenizer.json and tokenizer_config.json (as dicts) of a Hugging Face fast tokenizer that encodes
+        and decodes exactly as this one: byte-level BPE behind the same split regex, the special tokens as
+        added tokens, and <bos> put in front by default, as nano's data and sample.py do."""
+        return {"tokenizer.json": self._hf_tokenizer_json(), "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos, "eos_token": self.eos,
+            "pad_token": self.pad, "add_bos_token": True, "add_eos_token": False,
+            # transformers 4 would otherwise "clean up" " ." to "." when decoding (5 skips it for BPE)
+            "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}}
+
+    def _hf_tokenizer_json(self):
+        # Hugging Face's BPE merges the pair of lowest merge rank; tiktoken merges the adjacent pair whose
+        # bytes have the lowest token rank. So every split (a, b) of a token into two tokens is a merge,
+        # ranked by the token. (Two different pairs making one token, both in a chunk at once, would be
+        # taken leftmost first by tiktoken and in list order by Hugging Face; the tests found no such case.)
+        # ignore_merges: a chunk that is a token is that token, as in tiktoken.
+        chars = _byte_chars()
+        text = lambda b: "".join(chars[x] for x in b)  # noqa: E731
+        ranked = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        merges = [f"{text(tok[:i])} {text(tok[i:])}" for tok, _ in ranked for i in range(1, len(tok))
+                  if tok[:i] in self.mergeable_ranks and tok[i:] in self.mergeable_ranks]
+        bos = {"SpecialToken": {"id": self.bos, "type_id": 0}}
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True}
+                             for t, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": onig_pattern(self.pat_str)}, "behavior": "Isolated",
+                 "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                         bos, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {self.bos: {"id": self.bos, "ids": [self.bos_id], "tokens": [self.bos]}}},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                        "use_regex": False},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": True,
+                      "vocab": {text(tok): r for tok, r in ranked}, "merges": merges},
+        }
+
     def fingerprint(self):
         h = hashlib.sha256(json.dumps(self._meta(), sort_keys=True).encode())
         for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
@@ -140,6 +186,25 @@ def _atomic_write(path, data):
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def _byte_chars():
+    """GPT-2's byte-level alphabet, which every byte-level tokenizer.json uses: byte -> a printable
+    character, printable ASCII and Latin-1 bytes as themselves, the other 68 as chr(256 + n) in byte order
+    (so no token string holds a space or a control character)."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)}
+    out, n = {}, 0
+    for b in range(256):
+        out[b] = chr(b) if b in keep else chr(256 + n)
+        n += b not in keep
+    return out
+
+
+def onig_pattern(pat):
+    """A split regex for Hugging Face tokenizers (Oniguruma), which reads a possessive interval such as
+    GPT-4's \\p{N}{1,3}+ as "{1,3}, repeated", so 123456 would be one chunk: make it an atomic group."""
+    return regex.sub(r"(\\p\{\w+\}|\\.|\[[^\]]*\]|[^\\()])(\{\d*,?\d*\})\+", r"(?>\1\2)", pat)
 
 
 def read_bpe_file(path):
