@@ -543,7 +543,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None):
-    from nano.checkpoint import load_checkpoint, model_from_checkpoint
+    from nano.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     from nano.config import OneLineParser
     from nano.tokenizer import Tokenizer
     p = OneLineParser(prog="python -m nano.convert", description="convert nano models")
@@ -560,7 +560,7 @@ def main(argv=None):
         model = model_from_checkpoint(state).to(DTYPES[args.dtype])
         path = save_hf(model, args.out_dir, Tokenizer.from_state(state["tokenizer"]), force=args.force,
                        max_shard_bytes=int(args.max_shard_gb * 2**30))
-    except (ValueError, OSError, ImportError) as err:  # bad input: one line, exit code 2
+    except (ValueError, OSError, ImportError, CheckpointError) as err:  # bad input: one line, exit code 2
         p.exit(2, f"{p.prog}: error: {err}\n")
     print(f"exported {args.run_dir} (step {state['step']}) as {SUPPORTED[hf_family(model.config)]} to {path}")
 
