@@ -15,8 +15,9 @@ from nano.model import Transformer
 
 CONFIGS = {
     "gqa": dict(n_head=2, n_kv_head=1, qk_norm=True),
-    "mla-moe": dict(n_head=2, attn="mla", q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16,
-                    v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48),
+    "mla-moe": dict(n_head=2, attn="mla", q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                    qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=48),
 }
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.nano.flash_attn.default}

@@ -104,8 +104,9 @@ def test_refusals_are_one_line(run, tmp_path):
          "checkpoint weights do not match its config"),
         ("sample.py", ["--hf", _hf_dir(tmp_path, "bias", {**llama, "attention_bias": True})], 2,
          "attention_bias/mlp_bias=True is not supported"),
-        ("sample.py", ["--hf", _hf_dir(tmp_path, "window", {**llama, "model_type": "qwen3", "use_sliding_window": True})],
-         2, "use_sliding_window=True is not supported"),
+        ("sample.py", ["--hf", _hf_dir(tmp_path, "window", {**llama, "model_type": "qwen3",
+                                                             "use_sliding_window": True})], 2,
+         "use_sliding_window=True is not supported"),
         ("sample.py", ["--hf", _hf_dir(tmp_path, "fp8", llama, {
             "model.layers.0.self_attn.q_proj.weight_scale_inv": torch.ones(1, 1)})], 2, "an FP8 checkpoint"),
         ("sample.py", ["--hf", _hf_dir(tmp_path, "mtp", deepseek, {"model.layers.2.enorm.weight": torch.ones(8)})],
@@ -118,4 +119,4 @@ def test_refusals_are_one_line(run, tmp_path):
         results = list(pool.map(lambda c: script(c[0], c[1], env), cases))
     for (name, argv, code, message), r in zip(cases, results):
         lines = r.stderr.strip().splitlines()
-        assert (r.returncode, len(lines)) == (code, 1) and message in lines[0], (name, argv, r.returncode, r.stderr)
+        assert (r.returncode, len(lines)) == (code, 1) and message in lines[0], (name, argv, r.stderr)

@@ -14,7 +14,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 32
 TINY = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
-        "--vocab-size", "300", "--seq-len", str(T), "--eval-steps", "1", "--sample-every", "0", "--warmup-steps", "1"]
+        "--vocab-size", "300", "--seq-len", str(T), "--eval-steps", "1", "--sample-every", "0",
+        "--warmup-steps", "1"]
 
 
 def short_documents(path, n=600, seed=0):
@@ -40,8 +41,10 @@ def setup(tmp_path_factory):
 
 def train(argv, env, prelude=""):
     """python train.py ARGV, optionally after some Python (a patch) in the same process."""
-    code = f"import runpy, sys\n{prelude}\nsys.argv = ['train.py'] + {argv!r}\nrunpy.run_path('train.py', run_name='__main__')"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    code = (f"{prelude}\nimport runpy, sys\nsys.argv = ['train.py'] + {argv!r}\n"
+            "runpy.run_path('train.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
@@ -95,8 +98,8 @@ def save_init(self):
     init_weights(self)
     torch.save(self.state_dict(), {init!r})
 model.Transformer.init_weights = save_init"""
-    train([*TINY, "--data", data, "--out-dir", out, "--max-steps", "3", "--batch-size", "2", "--dtype", "fp16"], env,
-          prelude)
+    train([*TINY, "--data", data, "--out-dir", out, "--max-steps", "3", "--batch-size", "2", "--dtype", "fp16"],
+          env, prelude)
     recs = records(out)
     assert [r["skipped_steps"] for r in recs] == [1, 2, 3]
     assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 100 for r in recs)
