@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from nano.checkpoint import (CheckpointError, lock_run_dir, previous_path, resume_checkpoint,
                             save_checkpoint)
-from nano.config import ModelConfig, parse_args
+from nano.config import ModelConfig, parse_args, parse_train_args
 from nano.data import PackedLoader, prepare_data
 from nano.generate import generate
 from nano.model import Block, Transformer
@@ -40,7 +40,7 @@ from nano.runtime import autocast, flops_per_token, peak_flops, pick_device
 def main(argv):
     # -------------------------------------------------------------------------
     # setup: processes (torchrun or one), device and dtype; the default preset depends on the device
-    _, pre = parse_args(argv)
+    pre = parse_train_args(argv)  # --device and --dtype decide the default preset
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device, dtype, reason = pick_device(pre.device, pre.dtype)
@@ -163,6 +163,12 @@ def main(argv):
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     step = 0
     if state is not None:
+        # set_model_state_dict silently skips weights the checkpoint lacks: compare names and shapes first
+        want, got = raw_model.state_dict(), state["model"]
+        bad = sorted(k for k in want.keys() | got.keys() if k not in want or k not in got
+                     or tuple(want[k].shape) != tuple(got[k].shape))
+        if bad:
+            raise ValueError(f"{path}: checkpoint weights do not match its config (first: {bad[0]})")
         set_model_state_dict(raw_model, state["model"], options=full)
         set_optimizer_state_dict(raw_model, list(optimizers.values()), state["optimizer"], options=full)
         scaler.load_state_dict(state["scaler"])

@@ -112,7 +112,7 @@ class TrainConfig:
     grad_ckpt: str = "none"  # "none" | "full" | "selective"
     seed: int = 1337
     max_steps: int = 1000
-    batch_size: int = 8  # rows per micro-step per process
+    batch_size: int = 8  # rows per micro-step, all processes together (each of N takes batch_size / N)
     seq_len: int = 256
     grad_accum: int = 1  # micro-steps per optimizer step
     tokens_per_step: int = 0  # > 0: set grad_accum to reach this many tokens per optimizer step
@@ -257,12 +257,8 @@ def build_parser(description="nano"):
     return p
 
 
-def parse_args(argv=None, defaults=None):
-    """Parse CLI flags into (ModelConfig, TrainConfig). Precedence: flags > preset > `defaults` > dataclass.
-
-    Every error (unknown flag, wrong type, unknown preset, a config that does not divide) ends the
-    process with one line on stderr and exit code 2.
-    """
+def _parse(argv, defaults):
+    """(parser, ModelConfig kwargs, TrainConfig kwargs): flags over the preset's values."""
     p = build_parser()
     ns = vars(p.parse_args(argv))
     name = ns.pop("preset", None) or (defaults or {}).get("preset")
@@ -275,8 +271,29 @@ def parse_args(argv=None, defaults=None):
     train_names = {f.name for f in fields(TrainConfig)}
     for k, v in ns.items():
         (train_kw if k in train_names else model_kw)[k] = v
+    return p, model_kw, train_kw
+
+
+def parse_args(argv=None, defaults=None):
+    """Parse CLI flags into (ModelConfig, TrainConfig). Precedence: flags > preset > `defaults` > dataclass.
+
+    Every error (unknown flag, wrong type, unknown preset, a config that does not divide) ends the
+    process with one line on stderr and exit code 2.
+    """
+    p, model_kw, train_kw = _parse(argv, defaults)
     try:
         return ModelConfig(**model_kw), TrainConfig(**train_kw)
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
+
+
+def parse_train_args(argv=None):
+    """The TrainConfig alone, for what must be known before the default preset is (train.py: --device and
+    --dtype choose it). Model flags are checked later, against that preset, by parse_args: checking
+    `--n-embd 136` against the bare dataclass (12 heads) would refuse what the tiny preset (4) accepts."""
+    p, _, train_kw = _parse(argv, None)
+    try:
+        return TrainConfig(**train_kw)
     except (ValueError, TypeError) as e:
         p.error(str(e))
 
