@@ -379,4 +379,5 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as e:
         if os.environ.get("NANO_DEBUG"):
             raise
-        sys.exit(f"train.py: error: {e}")
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)  # as for a bad flag: one line, exit code 2

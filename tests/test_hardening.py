@@ -294,7 +294,7 @@ def test_train_py_failed_checkpoint_write_stops_with_one_line(corpus, baseline, 
     limit = os.path.getsize(os.path.join(out, "ckpt.pt")) // 2
     r = train([*TINY, "--data", corpus, "--out-dir", out, "--resume", "--max-steps", "14"], env,
               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     error = [line for line in r.stderr.splitlines() if "train.py: error:" in line]  # after tqdm's bar
     assert len(error) == 1 and "could not write the checkpoint" in error[0] and "intact" in error[0]
     assert load_checkpoint(out)["step"] == 12 and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
@@ -358,7 +358,7 @@ def test_second_run_on_same_out_dir_refuses_until_first_dies(corpus, env, baseli
             time.sleep(0.1)
         first.send_signal(signal.SIGSTOP)  # it holds the lock; stopped, it leaves the CPUs to the others
         second = train(args, env)
-        assert second.returncode == 1
+        assert second.returncode == 2
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and f"in use by another run (pid {first.pid}" in lines[0], second.stderr
     finally:
