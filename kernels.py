@@ -126,7 +126,9 @@ def _rows_reference(q, k, v, cu_seqlens, causal, scale, row_len):
 # online softmax (Milakov & Gimelshein 2018) in base 2 (exp2 is the native instruction). The scores are
 # scaled by c = scale * log2(e) only inside exp2(s * c - m), one FMA, with m = c * max(s) per row: that
 # needs c > 0 (attention() sends other scales to the reference). It writes O and the log-sum-exp per row
-# (LSE, base 2); a row that sees no key writes O = 0 and LSE = +inf, so that the backward's P = exp2(S - LSE) is 0 there, not NaN.
+# (LSE, base 2); a row that sees no key writes O = 0 and LSE = +inf, so that the backward's
+# P = exp2(S - LSE) is 0 there, not NaN. With one program's rows owned by one head, the gradients are
+# bitwise deterministic for a given config (see pinned configs below for across processes).
 # Backward: delta = rowsum(dO * O) first (a small pre-pass), then two kernels, so that no output is
 # shared between programs (no atomics, and the gradients are bitwise deterministic):
 #   dK/dV: a program owns BLOCK_N keys of one KV head and loops over the query blocks of the G query
@@ -775,8 +777,9 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None
 # (N, V), most of them fp32 (upcast, log_softmax, its backward, the downcast: ~80 GB moved at the
 # full shape, by arithmetic about two GEMMs' time on an H100). torch.compile fuses those passes into a
 # few bf16 ones, so against it the extra GEMM is the whole price: hence the fused design for training,
-# whose time target is <= 1.1x compile. Neither is measured yet (bench/loss.py). Ignored rows still ride through the GEMMs (dropping them would need
-# their count on the host, a sync); the Triton kernels skip their loads.
+# whose time target is <= 1.1x compile. Neither is measured yet (bench/loss.py). Ignored rows still
+# ride through the GEMMs (dropping them would need their count on the host, a sync); the Triton kernels
+# skip their loads.
 # The chunk size trades memory for speed: narrow chunks make thin GEMMs and more launches and passes
 # over the dh accumulator; a chunk of ~1 GB gives GEMMs of at least 16k x 32k x D at the full shape.
 # fp16 (recompute): g is formed in fp32 and multiplied by dloss (which carries a GradScaler's scale) and
