@@ -49,7 +49,7 @@ def load_batches(data, vocab_size, B, T, n):
     return [loader.next_batch() for _ in range(n)]
 
 
-def run(name, grad_ckpt, impl, batches, args, device, dtype, compiled=False):
+def run(name, grad_ckpt, impl, batches, args, device, dtype, compiled=False, backend="inductor"):
     """impl "nano" (Triton attention, fused CE) or "baseline" (same masked work, plain PyTorch)."""
     baseline = impl == "baseline"
     cfg = preset(name, fused_ce=not baseline)  # its vocabulary holds the corpus's (--vocab-size)
@@ -57,7 +57,7 @@ def run(name, grad_ckpt, impl, batches, args, device, dtype, compiled=False):
     model = Transformer(cfg).to(device)
     model.set_grad_ckpt(grad_ckpt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_model = torch.compile(model) if compiled else model
+    step_model = torch.compile(model, backend=backend) if compiled else model
     B, T = batches[0][0].shape
     flops = sum(flops_per_token(model, T, cu) for _, _, cu in batches[args.warmup:]) / args.iters
     saved = nano_model.kernels.attention
@@ -121,7 +121,7 @@ def main():
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train.json"))
     args = p.parse_args()
     if args.smoke:
-        args.presets, args.modes, args.batch_size, args.seq_len, args.iters, args.warmup = "tiny", "none", 2, 64, 1, 0
+        args.presets, args.batch_size, args.seq_len, args.iters, args.warmup = "tiny", 2, 64, 1, 0
         args.data = args.data or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nano")
         args.vocab_size = 300
         device, dtype = torch.device("cpu"), torch.float32
