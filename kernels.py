@@ -970,7 +970,10 @@ def _lce_backward(h, weight, targets, lse, gscale, ignore_index, scale, need_dh,
 def _mm_f32(a, b):
     """a @ b summed and returned in fp32 (one rounding, as cuBLAS's fp32 accumulator has it)."""
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # a torch without mm(out_dtype=): round to a's dtype first, then widen
+            return torch.mm(a, b).float()
     return torch.mm(a.float(), b.float())  # CPU has no low-precision mm with an fp32 output
 
 

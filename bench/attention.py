@@ -367,7 +367,8 @@ def main():
         "command": " ".join(["python"] + sys.argv), "device": name,
         "torch": torch.__version__, "triton": triton.__version__ if triton else None,
         "cuda": torch.version.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "dtype": str(dtype), "peak_bf16_flops": hopper_peak(name), "tokens": args.tokens, "hidden": args.hidden, "matmul_ceiling_tflops": ceiling,
+        "dtype": str(dtype), "peak_bf16_flops": hopper_peak(name), "tokens": args.tokens, "hidden": args.hidden,
+        "matmul_ceiling_tflops": ceiling,
         "rows": rows, "varlen": var_rows, "targets": target_rows, "checks": check_rows,
     }
     if args.out:

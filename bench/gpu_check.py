@@ -1,9 +1,9 @@
 """The one GPU check: correctness and speed of everything GPU-specific, each figure beside a baseline
 measured in the same run, in about 6 minutes on one H100 / H200.
 
-    python bench/gpu_check.py                           # CUDA: every section -> table, bench/results/gpu_check.json
-    python bench/gpu_check.py --only attn_correct loss  # some sections (the file then holds only those)
-    python bench/gpu_check.py --smoke                   # CPU, tiny shapes, Triton interpreted: every section runs
+    python bench/gpu_check.py                       # CUDA: every section -> table, bench/results/gpu_check.json
+    python bench/gpu_check.py --only attn_correct loss   # some sections (the file then holds only those)
+    python bench/gpu_check.py --smoke               # CPU, tiny shapes, Triton interpreted: every section runs
 
 Kernel configs are pinned (NANO_PIN_CONFIGS=1, set before kernels.py is imported): autotuning every config
 takes longer than the whole run. Sections (each writes its own JSON block; other issues add theirs to
@@ -71,7 +71,8 @@ def figure(name, value, baseline=None, base_value=None, target=None, better="hig
         met = judged is not None and (judged >= target if better == "higher" else judged <= target)
         status = "unmeasured" if judged is None else "met" if met else "missed"
     return {"figure": name, "value": value, "unit": unit, "baseline": baseline, "baseline_value": base_value,
-            "ratio": ratio, "target": None if target is None else f"{'>=' if better == 'higher' else '<='} {target}",
+            "ratio": ratio,
+            "target": None if target is None else f"{'>=' if better == 'higher' else '<='} {target}",
             "status": status}
 
 
@@ -89,7 +90,8 @@ def attn_correct(run):
         cases = {torch.bfloat16: [(2, 17, 8, 2, 64, 64, True, 0), (1, 1000, 8, 8, 128, 128, True, 0),
                                   (1, 1000, 4, 2, 128, 128, False, 0), (2, 1000, 8, 8, 192, 128, True, 0),
                                   (2, 2048, 8, 4, 128, 128, True, 5)],
-                 torch.float16: [(2, 1000, 8, 2, 128, 128, True, 0), (2, 2048, 8, 8, 192, 128, True, 5)]}
+                 torch.float16: [(2, 1000, 8, 2, 128, 128, True, 0), (2, 2048, 8, 8, 192, 128, True, 5)],
+                 torch.float32: [(1, 1000, 4, 2, 128, 128, True, 0)]}  # "tf32x3" dots
         big = dict(n_docs=66, doc_len=2048, H=128)  # 135,168 tokens: q's offsets pass 2^31 at token 87,382
     rows = []
     for dtype, cs in cases.items():
@@ -161,14 +163,15 @@ def attn_speed(run):
     var_tri = var_rows[1]
     figs = []
     for mode, bound in (("fwd", 1.1), ("bwd", 1.0)):
-        figs.append(figure(f"flash {mode} TFLOP/s (hd{d} causal {T})", tri.get(f"{mode}_tflops"), flash.get("impl"),
-                           flash.get(f"{mode}_tflops"), target=bound, unit="TFLOP/s"))
+        figs.append(figure(f"flash {mode} TFLOP/s (hd{d} causal {T})", tri.get(f"{mode}_tflops"),
+                           flash.get("impl"), flash.get(f"{mode}_tflops"), target=bound, unit="TFLOP/s"))
         if cudnn:
             figs.append(figure(f"flash {mode} TFLOP/s vs cuDNN", tri.get(f"{mode}_tflops"), "sdpa-cudnn",
                                cudnn.get(f"{mode}_tflops"), unit="TFLOP/s"))
     dense = var_rows[0]
-    figs.append(figure(f"packed f+b tok/s ({var[1]} docs per {var[0]} row)", var_tri.get("fwd+bwd_tokens_per_s"),
-                       "dense causal", dense.get("fwd+bwd_tokens_per_s"), target=1.8, unit="tok/s"))
+    figs.append(figure(f"packed f+b tok/s ({var[1]} docs per {var[0]} row)",
+                       var_tri.get("fwd+bwd_tokens_per_s"), "dense causal", dense.get("fwd+bwd_tokens_per_s"),
+                       target=1.8, unit="tok/s"))
     return {"rows": rows, "varlen": var_rows, "figures": figs}
 
 
@@ -177,7 +180,8 @@ def loss(run):
     bench_loss = bench("loss")
     kernels = run.kernels
     if run.smoke:
-        shapes, (N, D, V), backend = [(37, 24, 333, None, None), (64, 16, 500, 0.5, 64 * 128 * 4)], (64, 32, 300), "eager"
+        shapes = [(37, 24, 333, None, None), (64, 16, 500, 0.5, 64 * 128 * 4)]
+        (N, D, V), backend = (64, 32, 300), "eager"
         dtypes = [torch.float32]
     else:  # (N, D, V, softmax_scale, chunk bytes or None)
         shapes, (N, D, V), backend = [(4097, 512, 50257, None, None), (1000, 256, 32000, 0.5, 1 << 22)], \
@@ -185,16 +189,18 @@ def loss(run):
         dtypes = [torch.bfloat16, torch.float16]
     checks = bench_loss.check(kernels, run.device, shapes, dtypes)
     rows, g_ms = bench_loss.bench_shape(kernels, N, D, V, run.dtype, run.device,
-                                        SimpleNamespace(iters=1 if run.smoke else 5, warmup=1 if run.smoke else 2),
-                                        backend, [])
+                                        SimpleNamespace(iters=1 if run.smoke else 5,
+                                                        warmup=1 if run.smoke else 2), backend, [])
     fused = next(r for r in rows if r["variant"] == "fused")
     eager = next(r for r in rows if r["variant"] == "eager")
     comp = next(r for r in rows if r["variant"] == "compile")
     figs = [figure("linear CE checks passed", sum(c["ok"] for c in checks), "checks", len(checks), target=1.0),
-            figure(f"fused CE peak GiB (V {V})", fused["peak_gib"], "eager", eager["peak_gib"], 0.2, "lower", "GiB"),
+            figure(f"fused CE peak GiB (V {V})", fused["peak_gib"], "eager", eager["peak_gib"], 0.2, "lower",
+                   "GiB"),
             figure(f"fused CE ms (V {V})", fused["ms"], "compile", comp["ms"], 1.1, "lower", "ms"),
             figure(f"fused CE ms (V {V}) vs eager", fused["ms"], "eager", eager["ms"], unit="ms")]
-    return {"ok": all(c["ok"] for c in checks), "checks": checks, "rows": rows, "gemm_ms": g_ms, "figures": figs}
+    return {"ok": all(c["ok"] for c in checks), "checks": checks, "rows": rows, "gemm_ms": g_ms,
+            "figures": figs}
 
 
 @section
@@ -221,7 +227,7 @@ def train(run):
         from nano.model import Transformer
         model = Transformer(preset(name)).to(run.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        x, y, cu = (t.to(run.device) for t in batches[-1])
+        x, y, cu = (t.to(run.device) for t in batches[-1])  # before the sync check: copies from the host
         for debug in (False, True):  # the first step allocates optimizer state and compiles kernels
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error" if debug else "default")
@@ -264,7 +270,8 @@ def decode(run):
     bandwidth = bench_decode.copy_bandwidth(run.device, (1 << 24) if run.smoke else (1 << 30))
     elt = torch.empty((), dtype=run.dtype).element_size()
     ctx = prompt_len + (n_new + 1) / 2  # mean valid cache length over the decode
-    nbytes = bench_decode.weight_bytes_per_token(model) + ctx * bench_decode.kv_bytes_per_token(model.config, elt)
+    kv = bench_decode.kv_bytes_per_token(model.config, elt)
+    nbytes = bench_decode.weight_bytes_per_token(model) + ctx * kv
     bound = bandwidth / nbytes
     rows, figs = [], []
     for mode in ["eager"] if run.smoke else ["eager", "cudagraphs"]:
@@ -362,7 +369,8 @@ def main():
         if "error" in block:
             print(f"{name:<12} ERROR: {block['error'].splitlines()[0][:90]}")
         for f in block["figures"]:
-            print(f"{name:<12} {f['figure'][:46]:<46} {fmt(f['value'], '11.4g')} {(f['baseline'] or '')[:26]:<26} "
+            base = (f["baseline"] or "")[:26]
+            print(f"{name:<12} {f['figure'][:46]:<46} {fmt(f['value'], '11.4g')} {base:<26} "
                   f"{fmt(f['baseline_value'], '11.4g')} {fmt(f['ratio'], '6.2f')} {f['target'] or '':>8}  "
                   f"{f['status'] or ''}")
     result = {"command": " ".join(["python"] + sys.argv), "device": dev_name, "torch": torch.__version__,

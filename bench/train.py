@@ -21,7 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import kernels  # noqa: E402
 from nano import model as nano_model  # noqa: E402
 from nano.config import preset  # noqa: E402
@@ -43,7 +44,8 @@ def sdpa_documents(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None,
 
 
 def load_batches(data, vocab_size, B, T, n):
-    """n packed (x, y, cu_seqlens) batches of the corpus (tokenized once, cached in $NANO_CACHE), on the host."""
+    """n packed (x, y, cu_seqlens) batches of the corpus (tokenized once, cached in $NANO_CACHE), on the
+    host."""
     prepared = prepare_data(data, "", vocab_size, progress=False)
     loader = PackedLoader(prepared.train, B, T)
     return [loader.next_batch() for _ in range(n)]
@@ -114,15 +116,15 @@ def main():
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", default="no", choices=["no", "yes", "both"], help="nano compiled, eager or both")
+    p.add_argument("--compile", default="no", choices=["no", "yes", "both"], help="nano: eager, compiled, both")
     p.add_argument("--data", default="", help="corpus (default: the Python standard library)")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--smoke", action="store_true", help="tiny CPU run: checks the script, measures nothing useful")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run: checks the script, measures nothing")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train.json"))
     args = p.parse_args()
     if args.smoke:
         args.presets, args.batch_size, args.seq_len, args.iters, args.warmup = "tiny", 2, 64, 1, 0
-        args.data = args.data or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nano")
+        args.data = args.data or os.path.join(ROOT, "nano")  # a small corpus: the tokenizer trains fast
         args.vocab_size = 300
         device, dtype = torch.device("cpu"), torch.float32
     else:
