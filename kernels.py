@@ -127,10 +127,10 @@ def _rows_reference(q, k, v, cu_seqlens, causal, scale, row_len):
 # scaled by c = scale * log2(e) only inside exp2(s * c - m), one FMA, with m = c * max(s) per row: that
 # needs c > 0 (attention() sends other scales to the reference). It writes O and the log-sum-exp per row
 # (LSE, base 2); a row that sees no key writes O = 0 and LSE = +inf, so that the backward's
-# P = exp2(S - LSE) is 0 there, not NaN. With one program's rows owned by one head, the gradients are
-# bitwise deterministic for a given config (see pinned configs below for across processes).
+# P = exp2(S - LSE) is 0 there, not NaN.
 # Backward: delta = rowsum(dO * O) first (a small pre-pass), then two kernels, so that no output is
-# shared between programs (no atomics, and the gradients are bitwise deterministic):
+# shared between programs (no atomics: for one block config the gradients are bitwise deterministic;
+# across processes that takes pinned configs, see below):
 #   dK/dV: a program owns BLOCK_N keys of one KV head and loops over the query blocks of the G query
 #          heads that share it (GQA), recomputing P from Q, K and LSE;
 #   dQ:    a program owns BLOCK_M query rows and loops over the key blocks, like the forward.
