@@ -2,7 +2,7 @@
 measured in the same run, in about 6 minutes on one H100 / H200.
 
     python bench/gpu_check.py                       # CUDA: every section -> table, bench/results/gpu_check.json
-    python bench/gpu_check.py --only attn_correct loss   # some sections (the file then holds only those)
+    python bench/gpu_check.py --only attn_correct loss   # some sections, replacing theirs in the file
     python bench/gpu_check.py --smoke               # CPU, tiny shapes, Triton interpreted: every section runs
 
 Kernel configs are pinned (NANO_PIN_CONFIGS=1, set before kernels.py is imported): autotuning every config
@@ -352,6 +352,7 @@ def main():
             traceback.print_exc()
             block = {"error": f"{type(e).__name__}: {e}"[:2000], "figures": []}
         block["seconds"] = round(time.perf_counter() - t0, 1)
+        block["date"] = datetime.datetime.now().isoformat(timespec="seconds")  # --only merges into older runs
         if "error" in block or block.get("ok") is False:
             failed.append(name)
         results[name] = block
@@ -378,6 +379,9 @@ def main():
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "dtype": str(dtype),
               "pinned_configs": True, "sections": results}
     if not args.smoke:
+        if args.only and os.path.exists(args.out):  # keep the other sections of an earlier run
+            with open(args.out) as f:
+                result["sections"] = {**json.load(f).get("sections", {}), **results}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2, default=str)
