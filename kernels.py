@@ -827,6 +827,8 @@ if triton is not None:
     # the gradient kernel is not autotuned: it is elementwise (any tile that streams will do) and rewrites
     # its input, so every trial would first copy the whole chunk back, and that copy would be the timing
     _GRAD_BLOCKS = dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4)
+    if PIN_CONFIGS:  # one config (no benchmarking): 16 elements per thread, read at full width
+        _LSE_CONFIGS = [triton.Config({"BLOCK_N": 1, "BLOCK_V": 4096}, num_warps=8)]
     if INTERPRET:  # the interpreter pays per op, not per element: one config, many rows per program
         _LSE_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 512}, num_warps=1)]
         _GRAD_BLOCKS = dict(BLOCK_N=16, BLOCK_V=512, num_warps=1)
