@@ -228,19 +228,21 @@ def train(run):
         model = Transformer(preset(name)).to(run.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         x, y, cu = (t.to(run.device) for t in batches[-1])  # before the sync check: copies from the host
-        for debug in (False, True):  # the first step allocates optimizer state and compiles kernels
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error" if debug else "default")
-            try:
-                with autocast(run.device, run.dtype):
-                    model(x, y, cu_seqlens=cu)[1].backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sync_free = True
-            except RuntimeError as e:
-                sync_free = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+        def step():
+            with autocast(run.device, run.dtype):
+                model(x, y, cu_seqlens=cu)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()  # the first step allocates the optimizer state and loads the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host sync now raises
+        try:
+            step()
+            sync_free = True
+        except RuntimeError as e:
+            sync_free = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         del model, opt
         torch.cuda.empty_cache()
     eager, comp, base = rows[1], rows[2], rows[0]
