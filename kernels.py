@@ -5,6 +5,7 @@ TRITON_INTERPRET=1 set before import the Triton kernels run on CPU tensors (inte
 the tests reach them. `FORCE_REFERENCE = True` (or the model's attn_impl="reference") forces the
 references everywhere, for debugging.
 """
+import functools
 import math
 import os
 
@@ -493,8 +494,12 @@ def _launch_config(kernel, own, meta, elt):
         return {name: 16}
     if not (PIN_CONFIGS or torch.are_deterministic_algorithms_enabled()):
         return None
+    return _pinned_config(kernel, name, own, meta["D0"] + meta["D1"], meta["DVP"], elt)
+
+
+@functools.lru_cache  # launches happen every layer and step; the device's shared memory does not change
+def _pinned_config(kernel, name, own, dqk, dvp, elt):
     streamed, stages = _PINNED[kernel]
-    dqk, dvp = meta["D0"] + meta["D1"], meta["DVP"]
     while stages > 1 and _smem(own, streamed, stages, dqk, dvp, _RESIDENT_V[kernel], elt) > _smem_limit():
         stages -= 1
     return {name: streamed, "num_warps": 8, "num_stages": stages}
