@@ -8,7 +8,8 @@ measured in the same run, in about 6 minutes on one H100 / H200.
 Kernel configs are pinned (NANO_PIN_CONFIGS=1, set before kernels.py is imported): autotuning every config
 takes longer than the whole run. Sections (each writes its own JSON block; other issues add theirs to
 SECTIONS):
-  attn_correct  flash attention forward and backward in bf16 and fp16 against fp32: dense, GQA, varlen,
+  attn_correct  flash attention forward and backward in bf16, fp16 (and fp32: tf32x3 dots) against fp32
+                (fp64 for fp32): dense, GQA, varlen,
                 Dqk 192 / Dv 128, and one MLA-shaped varlen batch of 135,168 tokens x 128 heads, whose
                 offsets pass 2^31 elements (its first and last documents are checked). Rule, for the output
                 and every gradient: max|out - ref| <= 2 * max|torch same dtype - ref| + eps * max|ref|.
