@@ -5,6 +5,7 @@ TRITON_INTERPRET=1 set before import the Triton kernels run on CPU tensors (inte
 the tests reach them. `FORCE_REFERENCE = True` (or the model's attn_impl="reference") forces the
 references everywhere, for debugging.
 """
+import functools
 import math
 import os
 
@@ -123,11 +124,14 @@ def _rows_reference(q, k, v, cu_seqlens, causal, scale, row_len):
 # Flash attention: Triton forward and backward (FlashAttention-2, Dao 2023)
 #
 # Forward: a program owns BLOCK_M query rows of one head and streams the key/value blocks through an
-# online softmax (Milakov & Gimelshein 2018) in base 2 (exp2 is the native instruction: the scores are
-# pre-multiplied by scale * log2(e)). It writes O and the log-sum-exp per row (LSE, base 2); a row that
-# sees no key writes O = 0 and LSE = +inf, so that the backward's P = exp2(S - LSE) is 0 there, not NaN.
+# online softmax (Milakov & Gimelshein 2018) in base 2 (exp2 is the native instruction). The scores are
+# scaled by c = scale * log2(e) only inside exp2(s * c - m), one FMA, with m = c * max(s) per row: that
+# needs c > 0 (attention() sends other scales to the reference). It writes O and the log-sum-exp per row
+# (LSE, base 2); a row that sees no key writes O = 0 and LSE = +inf, so that the backward's
+# P = exp2(S - LSE) is 0 there, not NaN.
 # Backward: delta = rowsum(dO * O) first (a small pre-pass), then two kernels, so that no output is
-# shared between programs (no atomics, and the gradients are bitwise deterministic):
+# shared between programs (no atomics: for one block config the gradients are bitwise deterministic;
+# across processes that takes pinned configs, see below):
 #   dK/dV: a program owns BLOCK_N keys of one KV head and loops over the query blocks of the G query
 #          heads that share it (GQA), recomputing P from Q, K and LSE;
 #   dQ:    a program owns BLOCK_M query rows and loops over the key blocks, like the forward.
@@ -140,8 +144,10 @@ def _rows_reference(q, k, v, cu_seqlens, causal, scale, row_len):
 # Head dims: a dim that is not a power of two is split into two power-of-two chunks with two dots
 # (96 = 64 + 32, 192 = 128 + 64), so MLA's 192 costs no padding; only Dv (and odd remainders) is padded,
 # with masked loads. Any T: every load is masked by the row count, no power-of-two assumption on T.
-# Precision: fp16/bf16 dots accumulate in fp32; fp32 inputs use exact fp32 ("ieee") dots unless
-# torch.get_float32_matmul_precision() allows tf32 (then expect ~1e-3 relative errors, like bf16).
+# Precision: fp16/bf16 dots accumulate in fp32. fp32 inputs on CUDA use "tf32x3" dots (three tf32 products,
+# about fp32's accuracy: "ieee" dots are FMA loops that spilled 57.8 KB at hd 128), or plain "tf32" when
+# torch.get_float32_matmul_precision() allows it (~1e-3 relative errors, like bf16); "ieee" when interpreted.
+# Offsets are int64 wherever they can pass 2^31 elements (rows * stride in _tile, the batch/start bases).
 
 if triton is not None:
 
@@ -150,17 +156,19 @@ if triton is not None:
               TRANS: tl.constexpr):
         # columns C0..C0+C of rows `rows` of a (rows, D) matrix, zero outside rows < n_rows and columns < D;
         # TRANS loads the (C, rows) transpose
+        # int64 offsets: rows * stride passes 2^31 in long packed batches (131,072 tokens x 128 heads x 128)
         cols = C0 + tl.arange(0, C)
+        off = rows.to(tl.int64) * stride
         if TRANS:
             mask = rows[None, :] < n_rows
             if C0 + C > D:
                 mask = mask & (cols[:, None] < D)
-            return tl.load(base + rows[None, :] * stride + cols[:, None], mask=mask, other=0.0)
+            return tl.load(base + off[None, :] + cols[:, None], mask=mask, other=0.0)
         else:
             mask = rows[:, None] < n_rows
             if C0 + C > D:
                 mask = mask & (cols[None, :] < D)
-            return tl.load(base + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+            return tl.load(base + off[:, None] + cols[None, :], mask=mask, other=0.0)
 
     @triton.jit
     def _store_tile(base, rows, stride, n_rows, x, C0: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
@@ -168,7 +176,8 @@ if triton is not None:
         mask = rows[:, None] < n_rows
         if C0 + C > D:
             mask = mask & (cols[None, :] < D)
-        tl.store(base + rows[:, None] * stride + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
+        off = rows.to(tl.int64)[:, None] * stride
+        tl.store(base + off + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _program_tile(CU, TILES, T_Q, T_K, VARLEN: tl.constexpr, REVERSE: tl.constexpr):
@@ -198,17 +207,18 @@ if triton is not None:
             s = tl.dot(q0, _tile(k_ptr, offs_n, s_kt, k_len, 0, D0, DQK, True), input_precision=PREC)
             if D1 > 0:  # second chunk of the head dim (e.g. 192 = 128 + 64)
                 s = tl.dot(q1, _tile(k_ptr, offs_n, s_kt, k_len, D0, D1, DQK, True), s, input_precision=PREC)
-            s = s * scale_log2
             if MASK:  # keys past the end, and (causal) keys after the query
                 keep = offs_n[None, :] < k_len
                 if CAUSAL:
                     keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
                 s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # the raw scores' max, scaled once per row; the scale then rides in the subtraction's FMA
+            # (s * scale - m), as in Triton's tutorial, instead of a multiply over the whole tile
+            m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
             m_ref = m_new
             if MASK:  # a row that has seen no key yet subtracts 0, not -inf (-inf - -inf = nan)
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_ref[:, None])
+            p = tl.math.exp2(s * scale_log2 - m_ref[:, None])
             alpha = tl.math.exp2(m_i - m_ref)  # rescales what was accumulated under the old max
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _tile(v_ptr, offs_n, s_vt, k_len, 0, DVP, DV, False)
@@ -287,12 +297,11 @@ if triton is not None:
             if D1 > 0:
                 qt1 = _tile(q_ptr, offs_m, s_qt, q_len, D0, D1, DQK, True)
                 st = tl.dot(k1, qt1, st, input_precision=PREC)
-            st = st * scale_log2
             if MASK:  # causal
                 st = tl.where(offs_m[None, :] + offset >= offs_n[:, None], st, float("-inf"))
             # rows past the end load LSE = +inf: their P is 0
             lse = tl.load(lse_ptr + offs_m, mask=offs_m < q_len, other=float("inf"))
-            pt = tl.math.exp2(st - lse[None, :])
+            pt = tl.math.exp2(st * scale_log2 - lse[None, :])  # one FMA per element
             do = _tile(do_ptr, offs_m, s_dot, q_len, 0, DVP, DV, False)  # (BLOCK_M, DVP)
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)  # dP^T = V dO^T
@@ -369,13 +378,12 @@ if triton is not None:
             if D1 > 0:
                 kt1 = _tile(k_ptr, offs_n, s_kt, k_len, D0, D1, DQK, True)
                 s = tl.dot(q1, kt1, s, input_precision=PREC)
-            s = s * scale_log2
             if MASK:  # keys past the end (their P would multiply zeros, but could overflow to inf first)
                 keep = offs_n[None, :] < k_len
                 if CAUSAL:
                     keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
                 s = tl.where(keep, s, float("-inf"))
-            p = tl.math.exp2(s - lse[:, None])
+            p = tl.math.exp2(s * scale_log2 - lse[:, None])
             dp = tl.dot(do, _tile(v_ptr, offs_n, s_vt, k_len, 0, DVP, DV, True), input_precision=PREC)
             ds = (p * (dp - delta[:, None])).to(kt0.dtype)
             dq0 = tl.dot(ds, tl.trans(kt0), dq0, input_precision=PREC)
@@ -434,22 +442,28 @@ if triton is not None:
     # streamed block and the pipeline depth are tuned per (head dims, causal, layout, seqlen bucket). The
     # space is small on purpose (every config of every head-dim/causal/layout/dtype combination compiles
     # once): compiled for sm_90 with Triton 3.9, 4 warps spilled registers on the 128-row tiles and 8
-    # warps did not (or barely), so only 8. keep() drops pipelines that overflow shared memory; when none
-    # fits (fp32 at head dim 256) a minimal config runs.
+    # warps did not (or barely), so only 8. dK/dV owning 128 keys streams only 16 or 32 queries (ptxas:
+    # 255 registers, no spills; a streamed 64 spills). keep() drops pipelines that overflow shared memory;
+    # when none fits (fp32 at head dim 256) a minimal config runs.
     def _smem_limit():  # per block, opt-in (H100: 227 KB); read once per tuning key
         props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
         return props["max_shared_mem"]
 
-    def _tuned(name, sizes, resident_v):
+    def _smem(own, streamed, stages, dqk, dvp, resident_v, elt):
+        """Shared memory of a config: the streamed tiles of each stage plus the resident ones."""
+        return elt * (stages * streamed * (dqk + dvp) + own * (dqk + dvp * resident_v)) + 1024
+
+    def _tuned(name, sizes, stages, resident_v):
         if INTERPRET:  # one small fixed config (passed at launch): the interpreter is slow
             return lambda fn: fn
-        configs = [triton.Config({name: b}, num_warps=8, num_stages=s) for b in sizes for s in (2, 3)]
+        configs = [triton.Config({name: b}, num_warps=8, num_stages=s) for b in sizes for s in stages]
 
-        def keep(c, kw, elt):  # shared memory: the streamed tiles of each stage plus the resident ones
+        def keep(c, kw, elt):
             own, streamed = kw["BLOCK_N" if name == "BLOCK_M" else "BLOCK_M"], c.kwargs[name]
-            dqk, dv = kw["D0"] + kw["D1"], kw["DVP"]
-            smem = elt * (c.num_stages * streamed * (dqk + dv) + own * (dqk + dv * resident_v)) + 1024
-            return smem <= _smem_limit()
+            if name == "BLOCK_M" and own == 128 and streamed > 32:  # dK/dV: registers (see above)
+                return False
+            return _smem(own, streamed, c.num_stages, kw["D0"] + kw["D1"], kw["DVP"], resident_v,
+                         elt) <= _smem_limit()
 
         def prune(configs, named_args, **kw):
             kept = [c for c in configs if keep(c, kw, named_args["Q"].element_size())]
@@ -458,9 +472,37 @@ if triton is not None:
         return triton.autotune(configs, key=["DQK", "DV", "CAUSAL", "VARLEN", "T_BUCKET"],
                                prune_configs_by={"early_config_prune": prune})
 
-    _attn_fwd = _tuned("BLOCK_N", (64, 128), resident_v=0)(_attn_fwd_kernel)  # q resident
-    _attn_bwd_dkdv = _tuned("BLOCK_M", (32, 64), resident_v=1)(_attn_bwd_dkdv_kernel)  # k, v resident
-    _attn_bwd_dq = _tuned("BLOCK_N", (32, 64), resident_v=1)(_attn_bwd_dq_kernel)  # q, dO resident
+    _attn_fwd = _tuned("BLOCK_N", (64, 128), (2, 3), resident_v=0)(_attn_fwd_kernel)  # q resident
+    _attn_bwd_dkdv = _tuned("BLOCK_M", (16, 32, 64), (2, 3, 4), resident_v=1)(_attn_bwd_dkdv_kernel)  # k, v
+    _attn_bwd_dq = _tuned("BLOCK_N", (32, 64), (2, 3), resident_v=1)(_attn_bwd_dq_kernel)  # q, dO resident
+
+
+# Pinned configs: one known-good config per kernel instead of autotuning, when NANO_PIN_CONFIGS=1 (a GPU
+# check in minutes rather than ~400 compilations first) or under torch.use_deterministic_algorithms(True):
+# the autotuner may pick another streamed block in another process, and so another summation order.
+# (streamed block, pipeline stages) from the sm_90 ptxas review: no spills, shared memory within 227 KB
+# (dK/dV at hd 128: 32 x 3 stages, 115 KB); fewer stages where a head dim would overflow it.
+PIN_CONFIGS = os.environ.get("NANO_PIN_CONFIGS") == "1"
+_PINNED = {"fwd": (64, 3), "dkdv": (32, 3), "dq": (32, 3)}
+_RESIDENT_V = {"fwd": 0, "dkdv": 1, "dq": 1}
+
+
+def _launch_config(kernel, own, meta, elt):
+    """Launch kwargs of the streamed block, or None to let the autotuner choose."""
+    name = "BLOCK_M" if kernel == "dkdv" else "BLOCK_N"
+    if INTERPRET:  # fixed, and unequal to the owned block, so that misaligned blocks' masks are exercised
+        return {name: 16}
+    if not (PIN_CONFIGS or torch.are_deterministic_algorithms_enabled()):
+        return None
+    return _pinned_config(kernel, name, own, meta["D0"] + meta["D1"], meta["DVP"], elt)
+
+
+@functools.lru_cache  # launches happen every layer and step; the device's shared memory does not change
+def _pinned_config(kernel, name, own, dqk, dvp, elt):
+    streamed, stages = _PINNED[kernel]
+    while stages > 1 and _smem(own, streamed, stages, dqk, dvp, _RESIDENT_V[kernel], elt) > _smem_limit():
+        stages -= 1
+    return {name: streamed, "num_warps": 8, "num_stages": stages}
 
 
 _LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * _LOG2E)
@@ -468,18 +510,13 @@ _LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * _LOG2E)
 
 def _own_block(kernel, dqk, dv):
     """The block a program owns: query rows of the forward and dQ ("q"), keys of dK/dV ("kv"). dK/dV
-    keeps two fp32 accumulators (own x Dqk and own x Dv) in registers, hence its smaller blocks."""
+    keeps two fp32 accumulators (own x Dqk and own x Dv) in registers: 128 keys up to hd 128 with a
+    streamed block of 16 or 32 (with 64 keys, 8 warps re-read each query block twice as often)."""
     if INTERPRET:
         return 32
     if kernel == "q":
         return 128 if dqk <= 192 else 64
-    return 128 if dqk + dv <= 128 else 64 if dqk <= 192 else 32
-
-
-def _streamed(**block):
-    """Under the interpreter: the streamed block, fixed (and unequal to the owned one, so that the masks
-    of misaligned blocks are exercised). On a GPU the autotuner picks it."""
-    return block if INTERPRET else {}
+    return 128 if dqk <= 128 else 64 if dqk <= 192 else 32
 
 
 def _split_dim(d):
@@ -489,11 +526,14 @@ def _split_dim(d):
     return d0, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
 
 
-def _varlen_tiles(cu, total, block, work_of):
+_WORK = {"q": lambda b, n: b + 1, "kv": lambda b, n: n - b, "full": lambda b, n: n}  # causal q, causal kv
+
+
+def _varlen_tiles(cu, total, block, work):
     """Work list of a varlen launch: one (document, block) pair per `block`-token tile of each document,
     int32 (n, 2), built on the device without a host sync. Its length is the bound total // block + N;
     the unused tail holds document -1 (the program returns). Tiles are sorted by decreasing work
-    (work_of(blk, nblk), in key or query blocks), so the longest programs start first."""
+    (_WORK[work](blk, nblk), in key or query blocks), so the longest programs start first."""
     cu = cu.long()
     n_doc = cu.numel() - 1
     nblk = (cu[1:] - cu[:-1] + block - 1) // block  # tiles per document
@@ -503,13 +543,39 @@ def _varlen_tiles(cu, total, block, work_of):
     used = doc < n_doc
     doc = doc.clamp(max=n_doc - 1)
     blk = i - (ends - nblk)[doc]
-    order = torch.argsort(torch.where(used, work_of(blk, nblk[doc]), -1), descending=True, stable=True)
+    order = torch.argsort(torch.where(used, _WORK[work](blk, nblk[doc]), -1), descending=True, stable=True)
     return torch.stack((torch.where(used, doc, -1), blk), 1)[order].int().contiguous()
+
+
+_TILE_CACHE = {}  # (where cu_seqlens lives, its version, total, block, work) -> (cu_seqlens, tiles)
+
+
+def _tiles(cu, total, block, work):
+    """_varlen_tiles, built once per batch: the model passes one cu_seqlens to every layer, so all layers'
+    forward and backward launches of a step share two tables (query tiles, key tiles) instead of building
+    three per layer. The key is the tensor's memory and version counter (an in-place change rebuilds);
+    each entry keeps its cu_seqlens alive, so that memory cannot hold another batch meanwhile. Not while
+    a CUDA graph is captured: a replay must rebuild the tables from the batch it is given."""
+    if cu.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _varlen_tiles(cu, total, block, work)
+    key = (cu.device, cu.data_ptr(), cu.stride(0), cu.numel(), cu._version, total, block, work)
+    if key not in _TILE_CACHE:
+        if len(_TILE_CACHE) >= 8:  # the oldest first: dicts keep insertion order
+            del _TILE_CACHE[next(iter(_TILE_CACHE))]
+        _TILE_CACHE[key] = cu, _varlen_tiles(cu, total, block, work)
+    return _TILE_CACHE[key][1]
 
 
 def _layout(x, varlen):
     """(batch, token, head) strides: varlen tensors (total, H, D) are one batch row."""
     return (0, *x.stride()[:2]) if varlen else x.stride()[:3]
+
+
+def _dot_precision(dtype):
+    """tl.dot's input_precision: it matters only for fp32 inputs (see the precision note above)."""
+    if dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee" if INTERPRET else "tf32x3"
 
 
 def _attn_shape(q, k, v, cu_seqlens, max_seqlen):
@@ -519,8 +585,7 @@ def _attn_shape(q, k, v, cu_seqlens, max_seqlen):
     d0, d1 = _split_dim(q.shape[-1])
     meta = dict(VARLEN=varlen, DQK=q.shape[-1], D0=d0, D1=d1, DV=v.shape[-1],
                 DVP=max(16, triton.next_power_of_2(v.shape[-1])),
-                PREC="ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-                else "tf32")
+                PREC=_dot_precision(q.dtype))
     return Z, T_Q, T_K, min(max(128, triton.next_power_of_2(seq)), 8192), meta
 
 
@@ -532,14 +597,16 @@ def _flash_fwd(q, k, v, causal, scale, cu_seqlens, max_seqlen):
     lse = torch.empty(Z, Hq, T_Q, device=q.device, dtype=torch.float32)
     bm = _own_block("q", q.shape[-1], v.shape[-1])
     if varlen:
-        tiles = _varlen_tiles(cu_seqlens, T_Q, bm, (lambda b, n: b + 1) if causal else (lambda b, n: n))
+        tiles = _tiles(cu_seqlens, T_Q, bm, "q" if causal else "full")
         grid = (tiles.shape[0], Hq, 1)
     else:
         tiles = cu_seqlens = o  # unused pointers
         grid = (triton.cdiv(T_Q, bm), Hq, Z)
-    _attn_fwd[grid](q, k, v, o, lse, cu_seqlens, tiles, *_layout(q, varlen), *_layout(k, varlen),
-                    *_layout(v, varlen), *_layout(o, varlen), T_Q, T_K, G, scale * _LOG2E, bucket,
-                    CAUSAL=causal, BLOCK_M=bm, **meta, **_streamed(BLOCK_N=16))
+    config = _launch_config("fwd", bm, meta, q.element_size())
+    kernel = _attn_fwd if config is None else _attn_fwd_kernel
+    kernel[grid](q, k, v, o, lse, cu_seqlens, tiles, *_layout(q, varlen), *_layout(k, varlen),
+                 *_layout(v, varlen), *_layout(o, varlen), T_Q, T_K, G, scale * _LOG2E, bucket,
+                 CAUSAL=causal, BLOCK_M=bm, **meta, **(config or {}))
     return o, lse
 
 
@@ -554,20 +621,23 @@ def _flash_bwd(do, q, k, v, o, lse, causal, scale, cu_seqlens, max_seqlen):
                                                           DV=meta["DV"], DVP=meta["DVP"], BLOCK_M=64)
     strides = (*_layout(q, varlen), *_layout(k, varlen), *_layout(v, varlen), *_layout(do, varlen))
     bn, bm = _own_block("kv", q.shape[-1], v.shape[-1]), _own_block("q", q.shape[-1], v.shape[-1])
-    if varlen:  # dK/dV tiles: the first key blocks have the most queries; dQ tiles: as the forward
-        kv_tiles = _varlen_tiles(cu_seqlens, T_K, bn, (lambda b, n: n - b) if causal else (lambda b, n: n))
-        q_tiles = _varlen_tiles(cu_seqlens, T_Q, bm, (lambda b, n: b + 1) if causal else (lambda b, n: n))
+    if varlen:  # dK/dV tiles: the first key blocks have the most queries; dQ tiles: the forward's
+        kv_tiles = _tiles(cu_seqlens, T_K, bn, "kv" if causal else "full")
+        q_tiles = _tiles(cu_seqlens, T_Q, bm, "q" if causal else "full")
         kv_grid, q_grid = (kv_tiles.shape[0], Hkv, 1), (q_tiles.shape[0], Hq, 1)
     else:
         kv_tiles = q_tiles = cu_seqlens = dq  # unused pointers
         kv_grid, q_grid = (triton.cdiv(T_K, bn), Hkv, Z), (triton.cdiv(T_Q, bm), Hq, Z)
-    _attn_bwd_dkdv[kv_grid](q, k, v, do, dk, dv, lse, delta, cu_seqlens, kv_tiles, *strides,
-                            *_layout(dk, varlen), *_layout(dv, varlen), T_Q, T_K, Hq // Hkv, Hq, scale,
-                            scale * _LOG2E, bucket, CAUSAL=causal, BLOCK_N=bn, **meta,
-                            **_streamed(BLOCK_M=16))
-    _attn_bwd_dq[q_grid](q, k, v, do, dq, lse, delta, cu_seqlens, q_tiles, *strides, *_layout(dq, varlen),
-                         T_Q, T_K, Hq // Hkv, scale, scale * _LOG2E, bucket, CAUSAL=causal,
-                         BLOCK_M=bm, **meta, **_streamed(BLOCK_N=16))
+    config = _launch_config("dkdv", bn, meta, q.element_size())
+    kernel = _attn_bwd_dkdv if config is None else _attn_bwd_dkdv_kernel
+    kernel[kv_grid](q, k, v, do, dk, dv, lse, delta, cu_seqlens, kv_tiles, *strides, *_layout(dk, varlen),
+                    *_layout(dv, varlen), T_Q, T_K, Hq // Hkv, Hq, scale, scale * _LOG2E, bucket,
+                    CAUSAL=causal, BLOCK_N=bn, **meta, **(config or {}))
+    config = _launch_config("dq", bm, meta, q.element_size())
+    kernel = _attn_bwd_dq if config is None else _attn_bwd_dq_kernel
+    kernel[q_grid](q, k, v, do, dq, lse, delta, cu_seqlens, q_tiles, *strides, *_layout(dq, varlen),
+                   T_Q, T_K, Hq // Hkv, scale, scale * _LOG2E, bucket, CAUSAL=causal, BLOCK_M=bm, **meta,
+                   **(config or {}))
     return dq, dk, dv
 
 
@@ -636,7 +706,7 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_
     model checks cu_seqlens once per batch). row_len > 0 promises that every row_len-token row starts at
     a document boundary (the packed training batch): the reference then needs no host sync."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if _use_kernel(q, k, v):
+    if _use_kernel(q, k, v) and scale > 0:  # the kernels scale after the row max, which needs scale > 0
         if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
             cu_seqlens = cu_seqlens.to(torch.int32)
         return _flash_attn(q, k, v, cu_seqlens, causal, scale, max_seqlen)[0]
@@ -675,15 +745,28 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None
 # the backward and its fp32 gradient: at N = 16k tokens and Llama-3's V = 128k that is ~25 GB, far more
 # than the rest of a 1B model's activations.
 #
-# Design: save only (N,) floats (each row's log-sum-exp, and the count of valid rows; h, W and the
-# targets are inputs that autograd holds anyway) and recompute the logits in the backward. Both passes
+# Two designs, chosen by the public function: a mean that needs gradients (the training loss) takes the
+# fused one, anything else (evaluation, reduction="sum" / "none": per-token log-probs for DPO) the recompute.
+#
+# Fused (Liger-Kernel's design): the forward also computes the gradients, row chunk by row chunk over the
+# whole vocabulary, through one reused (R, V) buffer (R rows = LCE_CHUNK_BYTES of logits):
+#   x_r = h_r @ W^T (cuBLAS); _ce_lse_kernel over the full row; _ce_grad_kernel turns x_r into
+#   g_r = (softmax - onehot) * s in place; dh_r = g_r @ W; dW += g_r^T @ h_r (fp32 outputs, fp32 dW)
+# and saves dh and dW in fp32 (about 1 GB of dW at V = 128256, D = 2048) with the count of valid rows; the
+# backward only multiplies them by d loss / n_valid and rounds once. 3 GEMMs, as eager, and no recompute.
+# g leaves out 1/n_valid (and d loss, unknown in the forward): |g| <= s, so fp16 neither overflows nor
+# underflows more than eager, which includes a GradScaler's scale over n_valid, a factor of the same size.
+#
+# Recompute: save only (N,) floats (each row's log-sum-exp; h, W and the targets are inputs that autograd
+# holds anyway) and recompute the logits in the backward. The op returns each row's loss; the mean (or
+# sum) is taken outside it, so its backward receives d loss / d loss_row per row. Both passes
 # walk the vocabulary in chunks of C columns through one reused (N, C) buffer in h's dtype:
 #   forward   x_c = h @ W_c^T                      cuBLAS
 #             _ce_lse_kernel: per row, online max / sum-exp over the chunk's tiles, carried from chunk to
 #                             chunk (Milakov & Gimelshein 2018), target logit picked in its chunk;
 #                             the last chunk writes lse and loss_r = lse - s * x[target]
 #   backward  x_c = h @ W_c^T                      cuBLAS: the recompute
-#             _ce_grad_kernel: x_c <- (exp(s * x_c - lse) - onehot) * s * dloss / n_valid, in place, in
+#             _ce_grad_kernel: x_c <- (exp(s * x_c - lse) - onehot) * s * dloss_row, in place, in
 #                             fp32 from the saved lse (no second max / sum pass), 0 on ignored rows
 #             dW_c = g_c^T @ h                     cuBLAS, each slice written once (eager's numerics)
 #             dh  += g_c @ W_c                     cuBLAS, an fp32 (N, D) accumulator for bf16 / fp16
@@ -694,32 +777,33 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None
 # Why cuBLAS GEMMs and not one fused Triton kernel per direction (Cut Cross-Entropy's way, which also
 # saves the chunk's round trip through memory): tl.dot GEMMs reach less of the H100's peak than cuBLAS,
 # and the GEMMs are nearly all of the time here.
-# Cost: 4 GEMMs of 2 N V D FLOPs against eager's 3 (the recompute), plus three bf16 passes over the
+# Cost of the recompute: 4 GEMMs of 2 N V D FLOPs against eager's 3, plus three bf16 passes over the
 # logits (one read in the forward, a read and a write in the backward). Eager adds about ten passes over
 # (N, V), most of them fp32 (upcast, log_softmax, its backward, the downcast: ~80 GB moved at the
-# full shape, by arithmetic about two GEMMs' time on an H100), so the fused path should beat it.
-# torch.compile fuses those passes into a few bf16 ones, so against it the extra GEMM is the whole
-# price: the issue's "<= 1.1x compile" holds only if compile's own passes cost about as much as a GEMM.
-# Not yet measured (bench/loss.py). Ignored rows still ride through the GEMMs (dropping them would need
-# their count on the host, a sync); the Triton kernels skip their loads.
+# full shape, by arithmetic about two GEMMs' time on an H100). torch.compile fuses those passes into a
+# few bf16 ones, so against it the extra GEMM is the whole price: hence the fused design for training,
+# whose time target is <= 1.1x compile. Neither is measured yet (bench/loss.py). Ignored rows still
+# ride through the GEMMs (dropping them would need their count on the host, a sync); the Triton kernels
+# skip their loads.
 # The chunk size trades memory for speed: narrow chunks make thin GEMMs and more launches and passes
 # over the dh accumulator; a chunk of ~1 GB gives GEMMs of at least 16k x 32k x D at the full shape.
-# fp16: g is formed in fp32 and multiplied by dloss (which carries a GradScaler's scale) and 1/n_valid
-# before its one rounding to fp16, exactly as eager rounds its fp32 gradient: the scale lifts small
+# fp16 (recompute): g is formed in fp32 and multiplied by dloss (which carries a GradScaler's scale) and
+# 1/n_valid before its one rounding to fp16, exactly as eager rounds its fp32 gradient: the scale lifts small
 # values above fp16's underflow. (Leaving 1/n_valid for after the GEMMs would overflow instead: the
 # target column's (p - 1) * 2^16 is below fp16's -65504.)
 
 LCE_CHUNK_BYTES = 1 << 30  # logits chunk size: larger = wider GEMMs and fewer passes, more memory
 
 
-def linear_cross_entropy_reference(h, weight, targets, *, ignore_index=-100, softmax_scale=None):
+def linear_cross_entropy_reference(h, weight, targets, *, ignore_index=-100, softmax_scale=None,
+                                   reduction="mean"):
     """F.cross_entropy(h @ weight.T * scale, targets): materialises the (N, V) logits."""
     _check_lce_args(h, weight, targets)
     logits = h @ weight.T
     if softmax_scale is not None:
         logits = logits * softmax_scale
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays
-    return F.cross_entropy(logits, targets.long(), ignore_index=ignore_index)
+    return F.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction=reduction)
 
 
 def _check_lce_args(h, weight, targets):
@@ -748,6 +832,8 @@ if triton is not None:
     # the gradient kernel is not autotuned: it is elementwise (any tile that streams will do) and rewrites
     # its input, so every trial would first copy the whole chunk back, and that copy would be the timing
     _GRAD_BLOCKS = dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4)
+    if PIN_CONFIGS:  # one config (no benchmarking): 16 elements per thread, read at full width
+        _LSE_CONFIGS = [triton.Config({"BLOCK_N": 1, "BLOCK_V": 4096}, num_warps=8)]
     if INTERPRET:  # the interpreter pays per op, not per element: one config, many rows per program
         _LSE_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 512}, num_warps=1)]
         _GRAD_BLOCKS = dict(BLOCK_N=16, BLOCK_V=512, num_warps=1)
@@ -802,8 +888,8 @@ if triton is not None:
     @triton.jit
     def _ce_grad_kernel(x_ptr, targets_ptr, lse_ptr, gscale_ptr, n_rows, n_cols, stride, col0, ignore_index,
                         scale, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-        # in place on a recomputed logits chunk: x <- (softmax(s x) - onehot) * gscale, 0 on ignored rows;
-        # gscale = s * dloss / n_valid, a device scalar (reading it on the host would cost a sync)
+        # in place on a logits chunk: x <- (softmax(s x) - onehot) * gscale[row], 0 on ignored rows;
+        # gscale = s * d loss / d loss_row, per row on the device (reading it on the host would cost a sync)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
         row_ok = rows < n_rows
@@ -814,7 +900,8 @@ if triton is not None:
         ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :]
         x = tl.load(ptrs, mask=ok & valid[:, None], other=0.0).to(tl.float32)  # ignored rows: write only
         onehot = (col0 + cols[None, :] == target[:, None]).to(tl.float32)
-        g = (tl.exp(x * scale - lse[:, None]) - onehot) * tl.load(gscale_ptr)
+        gscale = tl.load(gscale_ptr + rows, mask=valid, other=0.0)
+        g = (tl.exp(x * scale - lse[:, None]) - onehot) * gscale[:, None]
         tl.store(ptrs, tl.where(valid[:, None], g, 0.0).to(x_ptr.dtype.element_ty), mask=ok)
 
 
@@ -845,8 +932,7 @@ def _lce_chunks(h, weight):
 
 
 def _lce_forward(h, weight, targets, ignore_index, scale):
-    """(loss, lse, n_valid): the mean loss, each row's fp32 log-sum-exp of the scaled logits, and the
-    number of rows that count (a device tensor: no host sync)."""
+    """(loss_rows, lse): each row's loss (0 where ignored) and fp32 log-sum-exp of the scaled logits."""
     N, V = h.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=h.device)
     lse, loss_rows = torch.empty(N, **f32), torch.zeros(N, **f32)
@@ -856,8 +942,7 @@ def _lce_forward(h, weight, targets, ignore_index, scale):
         for v0, v1, x in _lce_chunks(h, weight):
             _ce_lse_kernel[grid](x, targets, m, d, x_t, lse, loss_rows, N, v1 - v0, x.stride(0), v0,
                                  ignore_index, scale, FIRST=v0 == 0, LAST=v1 == V)
-    n_valid = (targets != ignore_index).sum(dtype=torch.float32)
-    return loss_rows.sum() / n_valid, lse, n_valid  # 0 / 0 = NaN when every row is ignored, as torch
+    return loss_rows, lse
 
 
 def _lce_backward(h, weight, targets, lse, gscale, ignore_index, scale, need_dh, need_dw):
@@ -889,28 +974,69 @@ def _lce_backward(h, weight, targets, lse, gscale, ignore_index, scale, need_dh,
     return (dh.to(h.dtype) if need_dh else None), dw
 
 
-# The op: (loss, lse, n_valid), and its backward as a second op (see flash attention's ops above).
+def _mm_f32(a, b):
+    """a @ b summed and returned in fp32 (one rounding, as cuBLAS's fp32 accumulator has it)."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # a torch without mm(out_dtype=): round to a's dtype first, then widen
+            return torch.mm(a, b).float()
+    return torch.mm(a.float(), b.float())  # CPU has no low-precision mm with an fp32 output
+
+
+def _lce_fused(h, weight, targets, ignore_index, scale, need_dh, need_dw):
+    """The training loss with its gradients in the same pass (see "Fused" above): (loss, dh, dw, n_valid),
+    dh and dw in fp32 and not yet divided by n_valid (the backward folds that into d loss)."""
+    N, D = h.shape
+    V = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=h.device)
+    lse, loss_rows, unused = torch.empty(N, **f32), torch.zeros(N, **f32), torch.empty(1, **f32)
+    gscale = torch.full((N,), scale, **f32)  # g = (softmax - onehot) * s: no 1/n_valid, no fp16 underflow
+    dh = torch.empty(N, D, **f32) if need_dh else h.new_empty(0, dtype=torch.float32)
+    dw = torch.zeros(V, D, **f32) if need_dw else h.new_empty(0, dtype=torch.float32)
+    rows = max(1, min(N, LCE_CHUNK_BYTES // (V * h.element_size())))
+    buf = torch.zeros(rows, -(-V // 64) * 64, dtype=h.dtype, device=h.device)  # padded as in _lce_chunks
+    bn, bv = _GRAD_BLOCKS["BLOCK_N"], _GRAD_BLOCKS["BLOCK_V"]
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        h_c, t_c, x = h[r0:r1], targets[r0:r1], buf[:r1 - r0, :V]
+        torch.mm(h_c, weight.T, out=x)
+        grid = lambda META: (triton.cdiv(r1 - r0, META["BLOCK_N"]),)  # noqa: E731
+        _ce_lse_kernel[grid](x, t_c, unused, unused, unused, lse[r0:r1], loss_rows[r0:r1], r1 - r0, V,
+                             x.stride(0), 0, ignore_index, scale, FIRST=True, LAST=True)  # the whole row
+        _ce_grad_kernel[(triton.cdiv(r1 - r0, bn), triton.cdiv(V, bv))](
+            x, t_c, lse[r0:r1], gscale, r1 - r0, V, x.stride(0), 0, ignore_index, scale, **_GRAD_BLOCKS)
+        if need_dh:
+            dh[r0:r1] = _mm_f32(x, weight)
+        if need_dw:
+            dw += _mm_f32(x.T, h_c)
+    n_valid = (targets != ignore_index).sum(dtype=torch.float32)
+    return loss_rows.sum() / n_valid, dh, dw, n_valid  # 0 / 0 = NaN when every row is ignored, as torch
+
+
+# The ops. Recompute: (loss_rows, lse), its backward a second op taking d loss / d loss_row (see flash
+# attention's ops above); the mean is taken outside, in plain ops. Fused: (loss, dh, dw, n_valid), whose
+# backward only scales the saved gradients.
 
 @torch.library.custom_op("nano::linear_ce", mutates_args=())
 def _linear_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(h.device.type, enabled=False):  # the chunk GEMMs run in the dtype of h and weight
         return _lce_forward(h, weight, targets.contiguous(), ignore_index, scale)
 
 
 @_linear_ce.register_fake
 def _(h, weight, targets, ignore_index, scale):
-    f32 = dict(dtype=torch.float32)
-    return h.new_empty((), **f32), h.new_empty(h.shape[0], **f32), h.new_empty((), **f32)
+    return h.new_empty(h.shape[0], dtype=torch.float32), h.new_empty(h.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("nano::linear_ce_backward", mutates_args=())
-def _linear_ce_backward(dloss: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        lse: torch.Tensor, n_valid: torch.Tensor, ignore_index: int, scale: float, need_dh: bool,
+def _linear_ce_backward(dloss_rows: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        lse: torch.Tensor, ignore_index: int, scale: float, need_dh: bool,
                         need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # every factor of d loss / d logit but (softmax - onehot), kept on the device. An all-ignored
-    # batch has zero gradients, as in torch: every row is masked to 0; the clamp keeps gscale finite
-    gscale = dloss.float() * scale / n_valid.clamp(min=1)
+    # every factor of d loss / d logit but (softmax - onehot), per row on the device; ignored rows are
+    # masked to 0 (an all-ignored mean sends inf = 1 / 0 there: zero gradients, as torch)
+    gscale = (dloss_rows.float() * scale).contiguous()
     with torch.autocast(h.device.type, enabled=False):
         dh, dw = _lce_backward(h, weight, targets.contiguous(), lse, gscale, ignore_index, scale, need_dh,
                                need_dw)
@@ -918,25 +1044,57 @@ def _linear_ce_backward(dloss: torch.Tensor, h: torch.Tensor, weight: torch.Tens
 
 
 @_linear_ce_backward.register_fake
-def _(dloss, h, weight, targets, lse, n_valid, ignore_index, scale, need_dh, need_dw):
+def _(dloss_rows, h, weight, targets, lse, ignore_index, scale, need_dh, need_dw):
     return (torch.empty_like(h) if need_dh else h.new_empty(0)), \
         (torch.empty_like(weight) if need_dw else weight.new_empty(0))
 
 
 def _linear_ce_setup(ctx, inputs, output):
     h, weight, targets, ignore_index, scale = inputs
-    ctx.save_for_backward(h, weight, targets, output[1], output[2])  # the inputs and (N,) floats: no logits
+    ctx.save_for_backward(h, weight, targets, output[1])  # the inputs and (N,) floats: no logits
     ctx.args = ignore_index, scale
 
 
-def _linear_ce_grad(ctx, dloss, _dlse, _dn):
-    h, weight, targets, lse, n_valid = ctx.saved_tensors
+def _linear_ce_grad(ctx, dloss_rows, _dlse):
+    h, weight, targets, lse = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[:2]
-    dh, dw = _linear_ce_backward(dloss, h, weight, targets, lse, n_valid, *ctx.args, need_dh, need_dw)
+    dh, dw = _linear_ce_backward(dloss_rows, h, weight, targets, lse, *ctx.args, need_dh, need_dw)
     return (dh if need_dh else None), (dw if need_dw else None), None, None, None
 
 
 _linear_ce.register_autograd(_linear_ce_grad, setup_context=_linear_ce_setup)
+
+
+@torch.library.custom_op("nano::linear_ce_fused", mutates_args=())
+def _linear_ce_fused(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                     scale: float, need_dh: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor, torch.Tensor]:
+    with torch.autocast(h.device.type, enabled=False):
+        return _lce_fused(h, weight, targets.contiguous(), ignore_index, scale, need_dh, need_dw)
+
+
+@_linear_ce_fused.register_fake
+def _(h, weight, targets, ignore_index, scale, need_dh, need_dw):
+    f32 = dict(dtype=torch.float32)
+    return (h.new_empty((), **f32), h.new_empty(h.shape if need_dh else (0,), **f32),
+            h.new_empty(weight.shape if need_dw else (0,), **f32), h.new_empty((), **f32))
+
+
+def _linear_ce_fused_setup(ctx, inputs, output):
+    h, weight = inputs[:2]
+    ctx.save_for_backward(*output[1:])  # dh, dw (fp32) and n_valid: h, W and no logits
+    ctx.dtypes = h.dtype, weight.dtype
+
+
+def _linear_ce_fused_grad(ctx, dloss, _ddh, _ddw, _dn):
+    dh, dw, n_valid = ctx.saved_tensors
+    g = dloss.float() / n_valid.clamp(min=1)  # one fp32 product, then one rounding: as eager's fp16
+    dh = (dh * g).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    dw = (dw * g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    return dh, dw, None, None, None, None, None
+
+
+_linear_ce_fused.register_autograd(_linear_ce_fused_grad, setup_context=_linear_ce_fused_setup)
 
 
 def _lce_use_triton(h):
@@ -945,20 +1103,25 @@ def _lce_use_triton(h):
     return h.is_cuda or (INTERPRET and h.device.type == "cpu")
 
 
-def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, softmax_scale=None):
+def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, softmax_scale=None, reduction="mean"):
     """Mean cross-entropy of the logits h @ weight.T (h (N, D), weight (V, D), targets (N,) int64) over
     the targets that are not ignore_index, without materialising the (N, V) logits on the fast path.
 
-    softmax_scale multiplies the logits before the softmax. Every target ignored: NaN loss and zero
-    gradients (torch's mean over no elements). Under torch.autocast, h and weight are cast to the
-    autocast dtype first, as F.linear would be. A target outside [0, V) gives a NaN loss on the fast
-    path (eager PyTorch raises or asserts). The arguments are checked except while torch.compile traces.
+    softmax_scale multiplies the logits before the softmax. reduction: "mean" (the signature's default),
+    "sum", or "none" for each row's loss (0 where ignored; DPO's per-token log-probs are minus these).
+    Every target ignored: NaN mean and zero gradients (torch's mean over no elements). Under torch.autocast,
+    h and weight are cast to the autocast dtype first, as F.linear would be. A target outside [0, V) gives a
+    NaN loss on the fast path (eager PyTorch raises or asserts). The arguments are checked except while
+    torch.compile traces. A mean that needs gradients takes the fused path (gradients in the forward);
+    anything else the recompute path (see the design note above).
     """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not torch.compiler.is_compiling():
         _check_lce_args(h, weight, targets)
     if not _lce_use_triton(h):
         return linear_cross_entropy_reference(h, weight, targets, ignore_index=ignore_index,
-                                              softmax_scale=softmax_scale)
+                                              softmax_scale=softmax_scale, reduction=reduction)
     dev = h.device.type
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
@@ -967,4 +1130,13 @@ def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, softmax_scale
         raise ValueError(f"linear_cross_entropy: h is {h.dtype} but weight is {weight.dtype}; cast one or "
                          "run under torch.autocast")
     scale = 1.0 if softmax_scale is None else float(softmax_scale)
-    return _linear_ce(h, weight, targets, ignore_index, scale)[0]
+    grad = torch.is_grad_enabled()
+    need_dh, need_dw = grad and h.requires_grad, grad and weight.requires_grad
+    if reduction == "mean" and (need_dh or need_dw) and h.shape[0]:
+        return _linear_ce_fused(h, weight, targets, ignore_index, scale, need_dh, need_dw)[0]
+    rows = _linear_ce(h, weight, targets, ignore_index, scale)[0]
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (targets != ignore_index).sum(dtype=torch.float32)  # 0 / 0 = NaN, as torch

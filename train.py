@@ -232,7 +232,6 @@ def main(argv):
         if master:
             tqdm.write("sample: " + repr(tok.decode(out[0, 1:].tolist())))
 
-    flops_token = flops_per_token(raw_model, cfg.seq_len)
     peak = peak_flops(device)
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # save and exit cleanly instead of dying mid-step
@@ -263,7 +262,9 @@ def main(argv):
         # gradient is that of the mean over all of them: independent of how rows are split into
         # micro-steps and processes (DDP/FSDP average over processes, hence the factor `world`).
         # Everything stays on the device: no host sync until the step's one read below.
-        batches = [batch_to(loader.next_batch()) for _ in range(cfg.grad_accum)]
+        batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
+        flops_token = sum(flops_per_token(raw_model, cfg.seq_len, cu) for _, _, cu in batches) / cfg.grad_accum
+        batches = [batch_to(b) for b in batches]  # the FLOPs above read the host copies of cu_seqlens
         counts = torch.stack([(y != -100).sum() for _, y, _ in batches]).double()
         total = all_sum(counts.sum()).clamp(min=1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)

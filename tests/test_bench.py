@@ -1,5 +1,6 @@
 """Every benchmark's --smoke mode runs on a CPU (tiny shapes; it checks the script, measures nothing, and
-writes no results file). bench/train.py and bench/attention.py are smoke-tested beside their own tests."""
+writes no results file). bench/train.py and bench/attention.py are smoke-tested beside their own tests;
+gpu_check.py --smoke runs every one of its sections (interpreted kernels, tiny models) in under 2 minutes."""
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["loss", "moe", "decode", "tokenizer", "optim"])
+@pytest.mark.parametrize("name", ["loss", "moe", "decode", "tokenizer", "optim", "gpu_check"])
 def test_bench_smoke(name, tmp_path):
     results = os.path.join(ROOT, "bench", "results")
     before = set(os.listdir(results)) if os.path.isdir(results) else set()

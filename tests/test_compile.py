@@ -169,9 +169,10 @@ def test_linear_cross_entropy_op_opcheck_and_compile():
     t = torch.randint(0, 37, (13,))
     t[3] = -100
     torch.library.opcheck(kernels._linear_ce, (h, w, t, -100, 1.0))
-    loss, lse, n = kernels._linear_ce(h, w, t, -100, 1.0)
-    torch.library.opcheck(kernels._linear_ce_backward, (torch.tensor(1.0), h.detach(), w.detach(), t, lse.detach(), n.detach(),
+    rows, lse = kernels._linear_ce(h, w, t, -100, 1.0)
+    torch.library.opcheck(kernels._linear_ce_backward, (torch.rand(13), h.detach(), w.detach(), t, lse.detach(),
                                                         -100, 1.0, True, True))
+    torch.library.opcheck(kernels._linear_ce_fused, (h, w, t, -100, 1.0, True, True))
     fn = torch.compile(lambda h, w: kernels.linear_cross_entropy(h, w, t), backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(fn(h, w), (h, w))
     want = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ w.T, t), (h, w))

@@ -180,3 +180,92 @@ def test_bench_smoke():
                        env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "correct" in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# issue 14: int64 offsets, tile tables once per batch, pinned configs, fp32 dot precision, scale > 0
+
+def _offsets_past_2_31_elements():
+    # q, k, v, O and dO as views whose token stride puts token 32 at element 2^31 of one buffer: rows *
+    # stride wraps in int32 there (in the delta pre-pass too). The buffer is virtual memory: only the pages
+    # of the 40 tokens are ever touched.
+    T, D, S = 40, 16, 1 << 26
+    buf = torch.empty(T * S, dtype=torch.float16)
+    views = [buf.as_strided((T, 1, D), (S, D, 1), i * D) for i in range(5)]  # q, k, v, o, do
+    torch.manual_seed(0)
+    for x in views:
+        x.copy_(torch.randn(T, 1, D))
+    q, k, v, o_buf, do = views
+    cu = torch.tensor([0, 3, T], dtype=torch.int32)
+    o, lse = kernels._flash_fwd(q, k, v, True, 0.25, cu, None)
+    ref = kernels.attention_reference(*(x.float() for x in (q, k, v)), softmax_scale=0.25, cu_seqlens=cu)
+    assert (o.float() - ref).abs().max() < 2e-3
+    o_buf.copy_(o)
+    dq, dk, dv = kernels._flash_bwd(do, q, k, v, o_buf, lse, True, 0.25, cu, None)
+    grads = attention_and_grads(kernels.attention_reference, *(x.float() for x in (q, k, v)), do.float(),
+                                softmax_scale=0.25, cu_seqlens=cu)[1:]
+    for name, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
+        assert (g.float() - r).abs().max() < 5e-3, name
+
+
+def test_offsets_past_2_31_elements():
+    # in a subprocess: an int32 offset that wraps reads far outside the buffer and crashes the interpreter
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = "import test_flash_attention as t; t._offsets_past_2_31_elements()"
+    r = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(here)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_tile_tables_built_once_per_batch(monkeypatch, launches):
+    builds = []
+    real = kernels._varlen_tiles
+    monkeypatch.setattr(kernels, "_varlen_tiles", lambda *a: builds.append(a[2:]) or real(*a))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, max_seq_len=64))
+    idx = torch.randint(0, 97, (2, 24))
+    cu = torch.tensor([0, 5, 24, 30, 48], dtype=torch.int32)
+    model(idx, cu_seqlens=cu)[0].sum().backward()
+    assert launches == {"fwd": 3, "bwd": 3}
+    assert sorted(builds) == [(32, "kv"), (32, "q")]  # two tables for the 3 layers' 9 launches
+    model(idx, cu_seqlens=cu.clone())[0].sum().backward()  # a new batch: new tables
+    assert len(builds) == 4
+    kernels._tiles(cu, 48, 16, "q")
+    kernels._tiles(cu, 48, 16, "q")
+    assert len(builds) == 5
+    cu[1] = 7  # changed in place: its version counter moves, the table is rebuilt
+    assert kernels._tiles(cu, 48, 16, "q").tolist() == real(cu, 48, 16, "q").tolist()
+    assert len(builds) == 6
+
+
+def test_pinned_configs(monkeypatch):
+    # on a GPU (not interpreted): NANO_PIN_CONFIGS=1 or deterministic algorithms launch one fixed config
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "_smem_limit", lambda: 227 * 1024)  # H100 / H200
+    hd128 = dict(D0=128, D1=0, DVP=128)
+    assert kernels._launch_config("dkdv", 128, hd128, 2) is None  # autotuned
+    monkeypatch.setattr(kernels, "PIN_CONFIGS", True)
+    assert kernels._launch_config("dkdv", 128, hd128, 2) == {"BLOCK_M": 32, "num_warps": 8, "num_stages": 3}
+    assert kernels._launch_config("fwd", 128, hd128, 2) == {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    # fp32 at head dim 256 does not fit 3 stages (or 2) in shared memory
+    assert kernels._launch_config("fwd", 64, dict(D0=256, D1=0, DVP=256), 4)["num_stages"] == 1
+    monkeypatch.setattr(kernels, "PIN_CONFIGS", False)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert kernels._launch_config("dq", 128, hd128, 2) == {"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+
+
+def test_fp32_dot_precision(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    assert kernels._dot_precision(torch.float32) == "tf32x3"  # not "ieee": FMA loops that spill
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert kernels._dot_precision(torch.float32) == "tf32"
+
+
+def test_non_positive_scale_runs_the_reference(launches):
+    # the kernels scale the scores after the row max, which holds only for scale > 0
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 9, 2, 16) for _ in range(3))
+    out = kernels.flash_attention(q, k, v, softmax_scale=-0.3)
+    assert launches["fwd"] == 0
+    ref = kernels.attention_reference(q.double(), k.double(), v.double(), softmax_scale=-0.3)
+    assert (out.double() - ref).abs().max() < 1e-5

@@ -150,25 +150,63 @@ def _saved_tensors(fn, h, w, t):
     return loss, saved
 
 
-def test_graph_saves_only_the_inputs_and_per_row_floats(monkeypatch):
-    # the point of the design: from the forward to the backward live h, W, targets (autograd holds them
-    # anyway) and (N,) floats; no logits, no gradients
+def test_graph_saves_no_logits(monkeypatch):
+    # the point of both designs: no (N, V) tensor lives from the forward to the backward. The recompute path
+    # saves h, W, targets (autograd holds them anyway) and (N,) floats; the fused one the fp32 gradients
     N, D, V = 64, 32, 1000
     monkeypatch.setattr(kernels, "LCE_CHUNK_BYTES", N * 256 * 4)  # several chunks
     h, w, t = _data(N, D, V, torch.float32, 0.1, seed=9)
     h, w = h.requires_grad_(), w.requires_grad_()
     nbytes = lambda x: x.numel() * x.element_size()  # noqa: E731
-    loss, saved = _saved_tensors(kernels.linear_cross_entropy, h, w, t)
+    rows = lambda h, w, t: kernels.linear_cross_entropy(h, w, t, reduction="none").sum()  # noqa: E731
+    loss, saved = _saved_tensors(rows, h, w, t)
     inputs = {x.data_ptr() for x in (h, w, t)}
     assert inputs <= {x.data_ptr() for x in saved}  # the hook sees the Function's saves
     others = [x for x in saved if x.data_ptr() not in inputs]
     assert all(x.numel() <= N and x.dtype == torch.float32 for x in others), [x.shape for x in others]
-    assert sum(map(nbytes, saved)) <= nbytes(h) + nbytes(w) + nbytes(t) + 4 * N + 4  # + lse, n_valid
+    assert sum(map(nbytes, saved)) <= nbytes(h) + nbytes(w) + nbytes(t) + 4 * N  # + lse
     loss.backward()
     assert h.grad is not None and w.grad is not None
+    loss, saved = _saved_tensors(kernels.linear_cross_entropy, h, w, t)  # the fused training loss
+    assert sorted(tuple(x.shape) for x in saved) == [(), (N, D), (V, D)], [x.shape for x in saved]
     # and the check can fail: the reference's graph holds (N, V) tensors
     _, saved_ref = _saved_tensors(kernels.linear_cross_entropy_reference, h, w, t)
     assert max(x.numel() for x in saved_ref) >= N * V
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "N{}-D{}-V{}".format(*s[:3]))
+def test_recompute_path_per_row_losses(shape, dtype, reduction, monkeypatch):
+    # reduction "none" (DPO's per-token log-probs) and "sum" take the recompute path: each row's loss and
+    # the gradients of a random weighting of them, against float64
+    N, D, V, scale, ignore_frac, chunk = shape
+    monkeypatch.setattr(kernels, "LCE_CHUNK_BYTES", N * chunk * dtype.itemsize)
+    h, w, t = _data(N, D, V, dtype, ignore_frac, seed=N)
+    weights = torch.rand(N, dtype=torch.float64) if reduction == "none" else torch.ones((), dtype=torch.float64)
+
+    def run(fn, h, w):
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        out = fn(h, w, t, softmax_scale=scale, reduction=reduction)
+        (out.double() * weights).sum().backward()
+        return out.detach(), h.grad, w.grad
+
+    got = run(kernels.linear_cross_entropy, h, w)
+    base = run(kernels.linear_cross_entropy_reference, h, w)
+    ref = run(kernels.linear_cross_entropy_reference, h.double(), w.double())
+    assert got[0].shape == ((N,) if reduction == "none" else ())
+    for name, a, b, r in zip(("loss", "dh", "dW"), got, base, ref):
+        _assert_close(name, a, b, r, dtype)
+
+
+def test_mean_without_grad_equals_fused_mean():
+    h, w, t = _data(70, 24, 500, torch.float16, 0.2, seed=11)
+    with torch.no_grad():
+        plain = kernels.linear_cross_entropy(h, w, t)  # recompute path: the mean of per-row losses
+    fused = kernels.linear_cross_entropy(h, w.clone().requires_grad_(), t)
+    assert torch.allclose(plain, fused.detach(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="reduction"):
+        kernels.linear_cross_entropy(h, w, t, reduction="max")
 
 
 def test_second_backward_with_retain_graph_gives_the_same_gradients():
