@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import kernels  # noqa: E402
-from nano.config import ModelConfig, preset  # noqa: E402
+from nano.config import preset  # noqa: E402
 from nano.generate import generate, speculative_generate  # noqa: E402
 from nano.model import Transformer  # noqa: E402
 

@@ -4,7 +4,6 @@ Tolerance rule from flash-attention's tests: the kernel's error against the floa
 twice the error of the same computation done by PyTorch in the input dtype, plus a small atol. bf16 is not
 tested here: the interpreter's tl.dot on bf16 is wrong (triton#11584); bench/attention.py checks it on a GPU.
 """
-import math
 import os
 import subprocess
 import sys
