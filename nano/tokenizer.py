@@ -301,12 +301,12 @@ def _count_chunks(texts, pat_str):
     return counts
 
 
-def _batches(texts, size):
+def _batches(texts, size, length=len):
     """Lists of texts of about `size` characters each, from any iterable (one pass, nothing held)."""
     batch, n = [], 0
     for t in texts:
         batch.append(t)
-        n += len(t)
+        n += length(t)
         if n >= size:
             yield batch
             batch, n = [], 0
