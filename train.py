@@ -72,8 +72,8 @@ def main(argv):
         model_cfg = ModelConfig(**state["model_config"])  # the architecture is the checkpoint's
         saved = state["train_config"]
         cfg = replace(cfg, data=saved["data"], tokenizer=saved["tokenizer"], seed=saved["seed"],
-                      data_max_bytes=saved.get("data_max_bytes", 0),  # checkpoints before 0.1 lack them
-                      tokenizer_train_bytes=saved.get("tokenizer_train_bytes", cfg.tokenizer_train_bytes))
+                      data_max_bytes=saved.get("data_max_bytes", 0),  # older checkpoints lack these two
+                      tokenizer_train_bytes=saved.get("tokenizer_train_bytes", 300_000_000))
         trained_with = saved.get("optimizer", "adamw")  # checkpoints from before Muon lack the field
         if trained_with != cfg.optimizer:
             raise ValueError(f"{path} was trained with --optimizer {trained_with}, not {cfg.optimizer}: "
@@ -113,8 +113,9 @@ def main(argv):
                              f"seq_len ({micro}); change --tokens-per-step or --batch-size")
         cfg = replace(cfg, grad_accum=cfg.tokens_per_step // micro)
     tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
-    # on a GPU the default run (124m, 1,000 steps of 262k tokens) would make ~33 epochs of the stdlib corpus
-    cut = device.type == "cuda" and not cfg.data and "max_steps" not in vars(build_parser().parse_args(argv))
+    # on a GPU the default run (124m, 1,000 steps of 262k tokens) would make ~33 epochs of the stdlib
+    given = vars(build_parser().parse_args(argv))  # the flags on the command line, nothing else
+    cut = device.type == "cuda" and not cfg.data and "max_steps" not in given
     cfg, notes = plan_epochs(cfg, r["n_train_tokens"], tokens_per_step, cut=cut)
     for note in notes:
         say(note)

@@ -194,24 +194,26 @@ def hf_parquet_files(spec, max_bytes=0):
     Hugging Face cache on first use (resumable, with progress bars), only as many files as hold
     `max_bytes` when that is > 0. With HF_HUB_OFFLINE=1 or no network, what is cached is used."""
     try:
-        import huggingface_hub as hub
+        from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+        from huggingface_hub.hf_api import RepoFile
     except ImportError:
         raise ImportError("--data hf:... needs huggingface_hub: pip install 'nano[data]'") from None
     repo, _, config = spec.removeprefix("hf:").partition(":")
     try:
-        if hub.constants.HF_HUB_OFFLINE:
-            raise hub.errors.OfflineModeIsEnabled("HF_HUB_OFFLINE=1")
-        sizes = {f.path: f.size for f in hub.HfApi().list_repo_tree(repo, repo_type="dataset", recursive=True)
-                 if isinstance(f, hub.hf_api.RepoFile)}
-        readme = hub.hf_hub_download(repo, "README.md", repo_type="dataset") if "README.md" in sizes else None
+        if constants.HF_HUB_OFFLINE:
+            raise OfflineModeIsEnabled("HF_HUB_OFFLINE=1")
+        sizes = {f.path: f.size for f in HfApi().list_repo_tree(repo, repo_type="dataset", recursive=True)
+                 if isinstance(f, RepoFile)}
+        readme = hf_hub_download(repo, "README.md", repo_type="dataset") if "README.md" in sizes else None
         wanted = _hf_pick(sizes, readme, config, max_bytes, spec)
-        folder = hub.snapshot_download(repo, repo_type="dataset", allow_patterns=wanted)
-    except (OSError, hub.errors.HfHubHTTPError) as online_error:  # offline, no network, or no such dataset
+        folder = snapshot_download(repo, repo_type="dataset", allow_patterns=wanted)
+    except (OSError, HfHubHTTPError) as online_error:  # offline, no network, or no such dataset
         try:
-            folder = hub.snapshot_download(repo, repo_type="dataset", local_files_only=True)
-        except (OSError, hub.errors.HfHubHTTPError):
+            folder = snapshot_download(repo, repo_type="dataset", local_files_only=True)
+        except (OSError, HfHubHTTPError):
             raise FileNotFoundError(
-                f"--data {spec}: dataset {repo!r} is not in the Hugging Face cache ({hub.constants.HF_HUB_CACHE}) "
+                f"--data {spec}: dataset {repo!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
                 f"and could not be fetched ({str(online_error).splitlines()[0][:100]}); run once with the "
                 "network on, or give local files") from None
         sizes = {str(p.relative_to(folder)): p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()}
@@ -547,9 +549,11 @@ def plan_epochs(cfg, n_train_tokens, tokens_per_step, *, cut):
     steps = max(1, int(MAX_EPOCHS * n_train_tokens // tokens_per_step))
     scale = steps / cfg.max_steps
     cfg = replace(cfg, max_steps=steps, warmup_steps=min(cfg.warmup_steps, max(1, steps // 10)),
-                  eval_every=max(1, round(cfg.eval_every * scale)), ckpt_every=max(1, round(cfg.ckpt_every * scale)))
-    notes.append(f"the default corpus is small for a GPU run: cut to {MAX_EPOCHS} epochs: {steps} steps, warmup "
-                 f"{cfg.warmup_steps}, eval every {cfg.eval_every} (choose with --max-steps, or give a larger --data)")
+                  eval_every=max(1, round(cfg.eval_every * scale)),
+                  ckpt_every=max(1, round(cfg.ckpt_every * scale)))
+    notes.append(f"the default corpus is small for a GPU run: cut to {MAX_EPOCHS} epochs: {steps} steps, "
+                 f"warmup {cfg.warmup_steps}, eval every {cfg.eval_every} (choose with --max-steps, or give "
+                 "a larger --data)")
     return cfg, notes
 
 

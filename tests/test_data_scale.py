@@ -166,7 +166,8 @@ def test_parquet_folder_and_jsonl_gz_train_end_to_end(tmp_path):
 
 def test_parquet_without_text_column_names_its_columns(tmp_path):
     folder = write_parquet_folder(tmp_path / "pq", ["a", "b"], column="content")
-    with pytest.raises(ValueError, match=r"part-00000.parquet has no 'text' column \(its columns: id, content\)"):
+    with pytest.raises(ValueError, match=r"part-00000.parquet has no 'text' column \(its columns: id, "
+                                         r"content\)"):
         prepare_data(folder, vocab_size=300, cache_dir=str(tmp_path / "c"), progress=False)
 
 
@@ -250,8 +251,8 @@ def test_hf_dataset_from_the_cache_with_the_network_off(tmp_path):
             "--out-dir", str(tmp_path / "out"))
     err = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(err) == 1, r.stderr
-    assert err[0].startswith("train.py: error: --data hf:nobody/missing: dataset 'nobody/missing' is not in the "
-                             "Hugging Face cache")
+    assert err[0].startswith("train.py: error: --data hf:nobody/missing: dataset 'nobody/missing' is not "
+                             "in the Hugging Face cache")
 
 
 # ---- the epoch plan of train.py
