@@ -2,16 +2,20 @@
 
 - Corpus: by default the Python standard library's `.py` files (one file = one document). `--data`
   takes a text file (one document), a folder (every file below it is a document; binary and non-UTF-8
-  files are skipped and counted), or a `.jsonl` file with a "text" field per line.
-- prepare_data() trains nano's BPE on the training documents (or loads --tokenizer), tokenizes every
-  document once as [bos] + tokens, and writes `train.bin` / `val.bin` (flat uint16 tokens, uint32 when
-  the vocabulary is larger than 65,536) with `*.idx.npy` (document starts) into
-  $NANO_CACHE/<name>-<hash> (default ~/.cache/nano). The hash covers the corpus (file names, sizes,
-  mtimes, inodes, ctimes), the tokenizer and the split, so a second run loads at once. A folder is built
-  under a temporary name and renamed into place with `meta.json` written last: a run killed half-way
-  leaves nothing that is ever read.
+  files are skipped and counted; .parquet files in it are read by rows), a `.jsonl` / `.jsonl.gz` file
+  with a "text" field per line, `.parquet` files with a "text" column, or `hf:OWNER/NAME[:CONFIG]` (the
+  parquet files of a Hugging Face dataset, fetched into the huggingface_hub cache on first use).
+- prepare_data() streams, so a corpus larger than memory works: pass 1 reads every document to count them
+  and choose the validation documents, pass 2 trains nano's BPE on a bounded sample of the training
+  documents (or --tokenizer is loaded), pass 3 tokenizes every document as [bos] + tokens and appends it
+  to `train.bin` / `val.bin` (flat uint16 tokens, uint32 when the vocabulary is larger than 65,536), then
+  `*.idx.npy` (document starts), into $NANO_CACHE/<name>-<hash> (default ~/.cache/nano). The hash covers
+  the corpus (file names, sizes, mtimes, inodes, ctimes), the tokenizer, the split and the sizes, so a
+  second run loads at once. A folder is built under a temporary name and renamed into place with
+  `meta.json` written last: a run killed half-way leaves nothing that is ever read.
 - The validation split is a fixed set of whole documents: those whose text has the smallest SHA-1
-  (independent of file order, and stable when documents are added). A single document is cut at a line
+  (independent of file order, and stable when documents are added), val_fraction of them, at most
+  MAX_VAL_DOCS. A single document is cut at a line
   break instead, its tail held out.
 - PackedLoader lays the documents of each epoch (shuffled by seed and epoch) back to back in one
   stream and cuts consecutive rows of seq_len + 1 tokens out of it (rows overlap by one token, so every
