@@ -221,8 +221,8 @@ def hf_cache(root, repo, files, commit="0123456789abcdef0123456789abcdef01234567
 HF = """
 import json, sys
 from nano.data import prepare_data
-prep = prepare_data(sys.argv[1], vocab_size=300, cache_dir=sys.argv[2], progress=False)
-print(json.dumps([prep.train.n_docs, prep.val.n_docs]))
+preps = [prepare_data(spec, vocab_size=300, cache_dir=sys.argv[1], progress=False) for spec in sys.argv[2:]]
+print(json.dumps([[p.train.n_docs, p.val.n_docs] for p in preps]))
 """
 
 
@@ -242,11 +242,9 @@ def test_hf_dataset_from_the_cache_with_the_network_off(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env,
                               cwd=ROOT)
-    r = run("-c", HF, "hf:someone/stories", cache)
+    r = run("-c", HF, cache, "hf:someone/stories", "hf:someone/stories:small")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.splitlines()[-1]) == [59, 1]
-    r = run("-c", HF, "hf:someone/stories:small", cache)
-    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1]) == [29, 1]
+    assert json.loads(r.stdout.splitlines()[-1]) == [[59, 1], [29, 1]]  # the default config, then "small"
     r = run(os.path.join(ROOT, "train.py"), "--data", "hf:nobody/missing", "--device", "cpu",
             "--out-dir", str(tmp_path / "out"))
     err = r.stderr.strip().splitlines()
