@@ -160,6 +160,7 @@ def test_parquet_folder_and_jsonl_gz_train_end_to_end(tmp_path):
                            capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "396 train / 4 val documents" in r.stdout
+        assert "data: 3 steps of 64 tokens make 0.00" in r.stdout and "warning" not in r.stdout
         lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         assert lines[-1]["step"] == 3 and "val_loss" in lines[-1]
 
