@@ -21,6 +21,7 @@
   stream and cuts consecutive rows of seq_len + 1 tokens out of it (rows overlap by one token, so every
   token is a target once per epoch). Targets that are the first token of another document are -100.
 """
+import array
 import collections
 import fnmatch
 import gzip
@@ -373,12 +374,14 @@ def _write_shards(folder, pairs, tok, dtype, total_bytes, progress):
 
     splits = ("train", "val")
     out = {s: open(os.path.join(folder, f"{s}.bin"), "wb") for s in splits}
-    lens = {s: [] for s in splits}
+    lens = {s: array.array("q") for s in splits}  # 8 bytes a document: 80 MB for FineWeb-Edu's 10M
     sha = {s: hashlib.sha256() for s in splits}  # of the documents' text joined by "\0", in meta.json
     n_bytes = dict.fromkeys(splits, 0)
+    n_tokens = 0
     bar = tqdm(total=total_bytes, desc="tokenize", unit="B", unit_scale=True, disable=not progress)
 
     def write(results):
+        nonlocal n_tokens
         for split, ids, text in results:
             out[split].write(bos.tobytes())
             out[split].write(ids.tobytes())
@@ -386,10 +389,11 @@ def _write_shards(folder, pairs, tok, dtype, total_bytes, progress):
                 sha[split].update(b"\0")
             sha[split].update(text)
             lens[split].append(len(ids) + 1)
+            n_tokens += len(ids) + 1
             n_bytes[split] += len(text)
             bar.update(len(text))
         bar.set_postfix(docs=f"{len(lens['train']) + len(lens['val']):,}",
-                        tokens=f"{sum(map(sum, lens.values())):,}", refresh=False)
+                        tokens=f"{n_tokens:,}", refresh=False)
 
     pending = collections.deque()
     try:
@@ -406,7 +410,7 @@ def _write_shards(folder, pairs, tok, dtype, total_bytes, progress):
     bar.close()
     stats = {}
     for s in splits:
-        starts = np.concatenate([[0], np.cumsum(np.array(lens[s], np.int64))])
+        starts = np.concatenate([[0], np.cumsum(np.frombuffer(lens[s], np.int64))]).astype(np.int64)
         np.save(os.path.join(folder, f"{s}.idx.npy"), starts)
         stats[s] = {"n_docs": len(lens[s]), "n_tokens": int(starts[-1]), "n_bytes": n_bytes[s],
                     "sha256": sha[s].hexdigest()}
