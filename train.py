@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from nano.checkpoint import (CheckpointError, lock_run_dir, previous_path, resume_checkpoint,
                             save_checkpoint)
-from nano.config import ModelConfig, parse_args, parse_train_args
-from nano.data import PackedLoader, prepare_data
+from nano.config import ModelConfig, build_parser, parse_args, parse_train_args
+from nano.data import PackedLoader, plan_epochs, prepare_data
 from nano.generate import generate
 from nano.model import Block, Transformer
 from nano.optim import build_optimizers, lr_at, peak_lr
@@ -71,7 +71,9 @@ def main(argv):
         state, path = resume_checkpoint(cfg.out_dir, say)  # ckpt.pt, or ckpt.prev.pt if that is damaged
         model_cfg = ModelConfig(**state["model_config"])  # the architecture is the checkpoint's
         saved = state["train_config"]
-        cfg = replace(cfg, data=saved["data"], tokenizer=saved["tokenizer"], seed=saved["seed"])
+        cfg = replace(cfg, data=saved["data"], tokenizer=saved["tokenizer"], seed=saved["seed"],
+                      data_max_bytes=saved.get("data_max_bytes", 0),  # older checkpoints lack these two
+                      tokenizer_train_bytes=saved.get("tokenizer_train_bytes", 300_000_000))
         trained_with = saved.get("optimizer", "adamw")  # checkpoints from before Muon lack the field
         if trained_with != cfg.optimizer:
             raise ValueError(f"{path} was trained with --optimizer {trained_with}, not {cfg.optimizer}: "
@@ -85,7 +87,8 @@ def main(argv):
     # data: tokenizer + memory-mapped shards (cached), packed rows with document boundaries
     if world > 1 and not master:
         dist.barrier()  # rank 0 trains the tokenizer and writes the cache; the others then read it
-    data = prepare_data(cfg.data, cfg.tokenizer, model_cfg.vocab_size, progress=master)
+    data = prepare_data(cfg.data, cfg.tokenizer, model_cfg.vocab_size, progress=master,
+                        tokenizer_train_bytes=cfg.tokenizer_train_bytes, data_max_bytes=cfg.data_max_bytes)
     if world > 1 and master:
         dist.barrier()
     tok = data.tokenizer
@@ -110,6 +113,12 @@ def main(argv):
                              f"seq_len ({micro}); change --tokens-per-step or --batch-size")
         cfg = replace(cfg, grad_accum=cfg.tokens_per_step // micro)
     tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+    # on a GPU the default run (124m, 1,000 steps of 262k tokens) would make ~33 epochs of the stdlib
+    given = vars(build_parser().parse_args(argv))  # the flags on the command line, nothing else
+    cut = device.type == "cuda" and not cfg.data and "max_steps" not in given
+    cfg, notes = plan_epochs(cfg, r["n_train_tokens"], tokens_per_step, cut=cut)
+    for note in notes:
+        say(note)
     loader = PackedLoader(data.train, rows, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
     PackedLoader(data.val, rows, cfg.seq_len)  # fail now, not at the first eval, if val is too small
 

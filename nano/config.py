@@ -101,8 +101,10 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # "" = the Python standard library sources; or a text file, folder, or .jsonl
+    data: str = ""  # "" = the Python stdlib; or a text file, folder, .jsonl(.gz), .parquet, hf:OWNER/NAME
     tokenizer: str = ""  # "" = train nano's BPE on the corpus; or a tiktoken file / cached encoding name
+    tokenizer_train_bytes: int = 300_000_000  # the BPE learns from the first this many bytes of train docs
+    data_max_bytes: int = 0  # > 0: only the first documents holding this many bytes (hf: fetch only those)
     out_dir: str = "out"
     resume: bool = False  # continue from out_dir/ckpt.pt
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...

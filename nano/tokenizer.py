@@ -15,6 +15,7 @@ import base64
 import collections
 import hashlib
 import heapq
+import itertools
 import json
 import multiprocessing
 import os
@@ -300,27 +301,61 @@ def _count_chunks(texts, pat_str):
     return counts
 
 
+def _batches(texts, size, length=len):
+    """Lists of texts of about `size` characters each, from any iterable (one pass, nothing held)."""
+    batch, n = [], 0
+    for t in texts:
+        batch.append(t)
+        n += length(t)
+        if n >= size:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
 def count_chunks(texts, pat_str=GPT4_SPLIT, *, workers=None, min_parallel=4 << 20, progress=False):
-    """Counter of the regex chunks of all texts, in worker processes for big corpora (regex holds the GIL)."""
+    """Counter of the regex chunks of all texts (any iterable, read once: only the counts are held), in
+    worker processes once the texts pass `min_parallel` characters (regex holds the GIL)."""
     workers = workers or os.cpu_count() or 1
-    parallel = workers > 1 and sys.platform == "linux" and sum(map(len, texts)) >= min_parallel
-    n = 4 * workers if parallel else 16  # more parts than workers balances the load and moves the bar
-    parts = [texts[i::n] for i in range(n)]
-    # fork: no re-import of the caller's __main__ (train.py is a flat script without a main guard)
-    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if parallel else None
+    batches = _batches(texts, 1 << 20)
+    head, size = [], 0  # the batches read before deciding: a small corpus is not worth the processes
+    for b in batches:
+        head.append(b)
+        size += sum(map(len, b))
+        if size >= min_parallel:
+            break
+    parallel = workers > 1 and sys.platform == "linux" and size >= min_parallel
     total = collections.Counter()
-    try:
-        counted = (ex.map if ex else map)(_count_chunks, parts, [pat_str] * n)
-        for c in tqdm(counted, total=n, desc="bpe: count chunks", disable=not progress):
-            total.update(c)
-    finally:
-        if ex:
-            ex.shutdown()
+    bar = tqdm(desc="bpe: count chunks", unit="char", unit_scale=True, disable=not progress)
+    if not parallel:
+        for b in itertools.chain(head, batches):
+            total.update(_count_chunks(b, pat_str))
+            bar.update(sum(map(len, b)))
+        bar.close()
+        return total
+    # fork: no re-import of the caller's __main__ (train.py is a flat script without a main guard).
+    # At most 2 batches per worker are in flight, so memory does not grow with the corpus.
+    pending = collections.deque()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
+        for b in itertools.chain(head, batches):
+            pending.append((ex.submit(_count_chunks, b, pat_str), sum(map(len, b))))
+            while len(pending) > 2 * workers or (pending and pending[0][0].done()):
+                fut, n = pending.popleft()
+                total.update(fut.result())
+                bar.update(n)
+        for fut, n in pending:
+            total.update(fut.result())
+            bar.update(n)
+    bar.close()
     return total
 
 
 def train_bpe(texts, vocab_size, *, progress=True, pat_str=GPT4_SPLIT, name=None):
     """Byte-level BPE with `vocab_size` tokens in all (merges + 256 bytes + <|bos|> <|eos|> <|pad|>).
+
+    `texts` may be any iterable (a generator streaming a corpus): it is read once and only the counts
+    of its unique chunks are kept, so memory follows the variety of the text, not its size.
 
     Ties between equally frequent pairs go to the smallest (left id, right id), so training is
     deterministic. A merge whose bytes already exist as a token (same bytes, other split) reuses that
@@ -328,7 +363,6 @@ def train_bpe(texts, vocab_size, *, progress=True, pat_str=GPT4_SPLIT, name=None
     """
     if isinstance(texts, str):
         texts = [texts]
-    texts = list(texts)
     n_special = len(NANO_SPECIALS)
     if not isinstance(vocab_size, int) or vocab_size < 256 + n_special:
         raise ValueError(f"vocab_size must be an int >= {256 + n_special} (256 bytes + {n_special} special "

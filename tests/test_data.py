@@ -204,17 +204,16 @@ def test_damaged_cache_is_rebuilt(corpus, tmp_path, prepared, damage):
 
 def test_killed_build_leaves_nothing_that_is_read(corpus, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    real = data_mod._write_shard
+    real = data_mod._write_shards
 
-    def dies_on_val(folder, split, *args):
-        if split == "val":
-            raise KeyboardInterrupt  # killed after the train shard was written
-        return real(folder, split, *args)
-    monkeypatch.setattr(data_mod, "_write_shard", dies_on_val)
+    def dies_after_the_shards(*args):
+        real(*args)
+        raise KeyboardInterrupt  # killed after the shards were written, before meta.json
+    monkeypatch.setattr(data_mod, "_write_shards", dies_after_the_shards)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(str(corpus), vocab_size=300, cache_dir=str(cache), progress=False)
     assert os.listdir(cache) == []
-    monkeypatch.setattr(data_mod, "_write_shard", real)
+    monkeypatch.setattr(data_mod, "_write_shards", real)
     # a SIGKILLed run leaves its temporary folder behind: it is never read, and removed later
     good = prepare_data(str(corpus), vocab_size=300, cache_dir=str(cache), progress=False)
     stale = good.path + ".tmp-999999999-1"
