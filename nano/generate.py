@@ -43,28 +43,61 @@ def prefill(model, idx):
     return logits[:, -1]
 
 
-def decode_one_token(model, token, pos):
-    """token (B, 1) at position pos (int or (B,)) -> logits (B, V) for the next position."""
-    logits, _ = model(token, start_pos=pos)
-    return logits[:, -1]
+# Compiled decoding (gpt-fast's recipe): the decode forward is compiled with static shapes. The caches
+# are allocated in a few sizes (cache_size: powers of two, >= 256), and positions are passed as tensors,
+# so a new prompt length or a new step is a new input, not a new graph. On CUDA the graph is captured as a
+# CUDA graph (mode="reduce-overhead"): one launch per token instead of one per kernel. The prefill, whose
+# length varies, runs eagerly.
+_COMPILED = {}
+
+
+def _forward(model, tokens, **mode):
+    """(logits, final hidden states) of model on tokens; mode: start_pos=... or tree=(...), as
+    Transformer.forward takes them (the hidden states feed MTP proposers and cost nothing extra)."""
+    h = model.hidden_states(tokens, **mode)
+    return model.output(h), h
+
+
+def forward_fn(compile, device):
+    """_forward, compiled if asked (one graph per model and input shape, reused across calls)."""
+    if not compile:
+        return _forward
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_forward, mode=mode, fullgraph=True, dynamic=False)
+    return _COMPILED[mode]
+
+
+def cache_size(n, compile):
+    """Cache slots for n positions: n eagerly, else the next power of two >= max(n, 256), so that new
+    prompt lengths reuse the compiled graphs."""
+    return max(256, 1 << (n - 1).bit_length()) if compile else n
+
+
+def _use_compile(compile, device):
+    return device.type == "cuda" if compile is None else bool(compile)
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, seed=None):
-    """The prompt idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, seed=None, compile=None):
+    """The prompt idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
+    compile: compile the one-token decode step (static shapes; default: on for CUDA)."""
     B, T = idx.shape
     if max_new_tokens <= 0:
         return idx
     gen = make_generator(seed, idx.device)
-    model.setup_cache(B, T + max_new_tokens)
+    compile = _use_compile(compile, idx.device)
+    step = forward_fn(compile, idx.device)
+    model.setup_cache(B, cache_size(T + max_new_tokens, compile))
     try:
         out = [idx]
         logits = prefill(model, idx)
+        pos = torch.full((B,), T, device=idx.device)
         for i in range(max_new_tokens):
             token = sample(logits_to_probs(logits, temperature, top_k, top_p), gen)
             out.append(token)
             if i + 1 < max_new_tokens:
-                logits = decode_one_token(model, token, T + i)
+                logits = step(model, token, start_pos=pos + i)[0][:, -1]
     finally:
         model.clear_cache()
     return torch.cat(out, dim=1)
@@ -98,8 +131,8 @@ class _DraftModel:
     wants_hidden = False  # needs no hidden states of the target
     extra_len = 0  # cache positions it needs beyond the target's
 
-    def __init__(self, draft, k):
-        self.model, self.k = draft, k
+    def __init__(self, draft, k, fwd=_forward):
+        self.model, self.k, self.fwd = draft, k, fwd  # fwd: _forward or its compiled form
 
     def start(self, idx, max_len):
         self.model.setup_cache(idx.shape[0], max_len)
@@ -116,7 +149,7 @@ class _DraftModel:
         # entry again with the same token at the same position changes nothing, so no row needs a
         # special case (one more token per step in a memory-bound forward costs ~nothing).
         tokens = torch.stack([out[rows, pos - 1], out[rows, pos]], dim=1)
-        logits = self.model(tokens, start_pos=pos - 1)[0][:, -1]
+        logits = self.fwd(self.model, tokens, start_pos=pos - 1)[0][:, -1]
         ds, qs = [], []
         for i in range(k):
             q = to_probs(logits)
@@ -124,7 +157,7 @@ class _DraftModel:
             ds.append(d)
             qs.append(q)
             if i + 1 < k:
-                logits = decode_one_token(self.model, d, pos + i + 1)
+                logits = self.fwd(self.model, d, start_pos=pos + i + 1)[0][:, -1]
         return torch.cat(ds, dim=1), torch.stack(qs, dim=1)
 
     def propose_tree(self, out, pos, tree, draw):
@@ -135,7 +168,7 @@ class _DraftModel:
         compacts both."""
         rows = torch.arange(out.shape[0], device=out.device)
         tokens = torch.stack([out[rows, pos - 1], out[rows, pos]], dim=1)  # as in propose()
-        logits = self.model(tokens, start_pos=pos - 1)[0][:, -1:]  # (B, 1, V) at the root
+        logits = self.fwd(self.model, tokens, start_pos=pos - 1)[0][:, -1:]  # (B, 1, V) at the root
         nodes, qs = [tokens[:, 1:]], [None]
         for d, b in enumerate(tree.branching, 1):
             c, q = draw(logits, b)  # (B, width, b), (B, width, b, V)
@@ -143,7 +176,7 @@ class _DraftModel:
             qs.append(q.flatten(1, 2))
             if d < tree.k:
                 at = torch.arange(tree.start[d], tree.start[d + 1], device=out.device)
-                logits = self.model(c.flatten(1), tree=tree.inputs(pos, self.model.cache_len, at))[0]
+                logits = self.fwd(self.model, c.flatten(1), tree=tree.inputs(pos, self.model.cache_len, at))[0]
         qs[0] = qs[1].new_zeros(out.shape[0], 1, qs[1].shape[-1])
         return torch.cat(nodes, dim=1), torch.cat(qs, dim=1)
 
@@ -233,7 +266,7 @@ def _accept_prob(p_x, q_x):
 
 @torch.no_grad()
 def speculative_generate(model, idx, max_new_tokens, *, draft=None, k=4, temperature=1.0, top_k=None,
-                         top_p=None, seed=None, tree=None):
+                         top_p=None, seed=None, tree=None, compile=None):
     """Like generate(), with k tokens proposed per step by `draft` and verified by one forward of `model`.
 
     draft: a smaller Transformer with the same vocabulary, or "mtp" (the model's own MTP modules, k
@@ -251,13 +284,17 @@ def speculative_generate(model, idx, max_new_tokens, *, draft=None, k=4, tempera
         `proposed`/`acceptance_rate` count one draft per depth (the path), and stats add `tree` and
         `nodes` (tokens per verify forward - 1). (1,) * k proposes what the chain does, with the tree's
         sampler. With draft="mtp" the depth must not exceed mtp_depth.
+    compile: compile the target's verify forward and the draft model's decode forwards (static shapes,
+        see forward_fn; default: on for CUDA). The MTP modules and the prefills run eagerly.
     """
     if tree is not None:
-        return _tree_speculative(model, idx, max_new_tokens, draft, tree, temperature, top_k, top_p, seed)
-    return _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p, seed, _accept_prob)
+        return _tree_speculative(model, idx, max_new_tokens, draft, tree, temperature, top_k, top_p, seed,
+                                 compile=compile)
+    return _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p, seed, _accept_prob,
+                        compile)
 
 
-def _proposer(model, draft, k):
+def _proposer(model, draft, k, fwd=_forward):
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k (draft tokens per step) must be a positive integer, got {k!r}")
     if draft is None:
@@ -277,23 +314,24 @@ def _proposer(model, draft, k):
         raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the model's "
                          f"({model.config.vocab_size}); train the draft with the same tokenizer (same --data "
                          "and --vocab-size)")
-    return _DraftModel(draft, k)
+    return _DraftModel(draft, k, fwd)
 
 
-def _target(model, tokens, keep_hidden, **mode):
+def _target(model, tokens, keep_hidden, fwd=_forward, **mode):
     """Logits of the target, and its final hidden states when an MTP proposer needs them. mode:
-    prefill=True or start_pos=..., as Transformer.forward takes them."""
-    if not keep_hidden:
-        return model(tokens, **mode)[0], None
-    h = model.hidden_states(tokens, **mode)
-    return model.output(h), h
+    prefill=True, start_pos=... or tree=..., as Transformer.forward takes them; fwd: _forward or its
+    compiled form."""
+    logits, h = fwd(model, tokens, **mode)
+    return logits, h if keep_hidden else None
 
 
-def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p, seed, accept):
+def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p, seed, accept, compile=False):
     B, T = idx.shape
     if T < 1:
         raise ValueError("speculative_generate needs a prompt of at least one token per row")
-    proposer = _proposer(model, draft, k)
+    compile = _use_compile(compile, idx.device)
+    fwd = forward_fn(compile, idx.device)
+    proposer = _proposer(model, draft, k, fwd)
     k = proposer.k
     nan = float("nan")
     stats = dict(acceptance_rate=nan, tokens_per_step=nan, k=k, target_forwards=0, draft_forwards=0,
@@ -310,9 +348,9 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
     j = torch.arange(k + 1, device=dev)
     out = idx.new_zeros(B, max_len)
     out[:, :T] = idx
-    model.setup_cache(B, max_len)
+    model.setup_cache(B, cache_size(max_len, compile))
     try:
-        proposer.start(idx, max_len)
+        proposer.start(idx, model.cache_len)
         logits, h = _target(model, idx, proposer.wants_hidden, prefill=True)
         pos = torch.full((B,), T, device=dev)  # each row's last token, not yet in the target's cache
         if h is not None:
@@ -328,7 +366,7 @@ def _speculative(model, idx, max_new_tokens, draft, k, temperature, top_k, top_p
             pos = pos.clamp(max=last)
             d, q = proposer.propose(out, pos, k, to_probs, gen)  # (B, k), (B, k, V)
             block = torch.cat([out[rows, pos][:, None], d], dim=1)  # (B, k + 1)
-            logits, h = _target(model, block, proposer.wants_hidden, start_pos=pos)
+            logits, h = _target(model, block, proposer.wants_hidden, fwd, start_pos=pos)
             p = to_probs(logits)  # (B, k + 1, V)
             p_x = p[:, :k].gather(-1, d[..., None])[..., 0]
             q_x = q.gather(-1, d[..., None])[..., 0]
@@ -502,14 +540,16 @@ def _verify_tree(tree, tokens, p, q, gen, residual=_residual):
 
 
 def _tree_speculative(model, idx, max_new_tokens, draft, tree, temperature, top_k, top_p, seed,
-                      residual=_residual):
+                      residual=_residual, compile=False):
     B, T = idx.shape
     if T < 1:
         raise ValueError("speculative_generate needs a prompt of at least one token per row")
     tree = parse_tree(tree)
     if max(tree) > model.config.vocab_size:
         raise ValueError(f"tree branching {max(tree)} exceeds the vocabulary ({model.config.vocab_size})")
-    proposer = _proposer(model, draft, len(tree))
+    compile = _use_compile(compile, idx.device)
+    fwd = forward_fn(compile, idx.device)
+    proposer = _proposer(model, draft, len(tree), fwd)
     if proposer.k < len(tree):
         raise ValueError(f"tree depth {len(tree)} exceeds the model's MTP depth ({proposer.k}); pass a "
                          f"shallower tree or a draft model")
@@ -531,9 +571,9 @@ def _tree_speculative(model, idx, max_new_tokens, draft, tree, temperature, top_
     j = torch.arange(k + 1, device=dev)
     out = idx.new_zeros(B, max_len)
     out[:, :T] = idx
-    model.setup_cache(B, max_len)
+    model.setup_cache(B, cache_size(max_len, compile))
     try:
-        proposer.start(idx, max_len)
+        proposer.start(idx, model.cache_len)
         logits, h = _target(model, idx, proposer.wants_hidden, prefill=True)
         pos = torch.full((B,), T, device=dev)
         if h is not None:
@@ -547,7 +587,7 @@ def _tree_speculative(model, idx, max_new_tokens, draft, tree, temperature, top_
                 break
             pos = pos.clamp(max=last)
             tokens, q = proposer.propose_tree(out, pos, tree, draw)  # (B, N + 1), (B, N + 1, V)
-            logits, h = _target(model, tokens, proposer.wants_hidden, tree=tree.inputs(pos, model.cache_len))
+            logits, h = _target(model, tokens, proposer.wants_hidden, fwd, tree=tree.inputs(pos, model.cache_len))
             path, a, x = _verify_tree(tree, tokens, to_probs(logits), q, gen, residual)
             # the accepted path's entries move from their nodes' slots to those of their positions
             src = torch.where(j[None, 1:] <= a[:, None], pos[:, None] + path, pos[:, None] + j[1:])
