@@ -41,6 +41,8 @@ def parse(argv):
     spec.add_argument("--speculate", choices=["mtp"], help="speculate with the model's own MTP modules")
     p.add_argument("--k", type=int, default=None,
                    help="a chain of k draft tokens per speculative step instead of the default tree")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="compile the decode steps (static shapes; auto: on for CUDA)")
     p.add_argument("--tree", default=None,
                    help="branching factors per depth, e.g. 3,2,1,1 (default: 3,2,1,1 with --draft, its first "
                         "mtp_depth factors with mtp); 1,1,1,1 is the chain")
@@ -92,7 +94,8 @@ def main(argv):
 
     ids = [tok.bos_id] + tok.encode(args.prompt)
     idx = torch.tensor([ids] * args.num_samples, device=device)
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+              compile={"auto": None, "true": True, "false": False}[args.compile])
     t0 = time.perf_counter()
     with autocast(device, dtype):
         if draft is None:
