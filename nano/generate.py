@@ -133,7 +133,8 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 #
 # A proposer has start(idx, max_len) after the target's cache is set up, observe(h, start) with the
 # target's final hidden states of each forward (if wants_hidden), propose(out, pos, k, to_probs, gen)
-# -> (drafts (B, k), their distributions (B, k, V)), and stop(); k is its number of drafts per step.
+# -> (drafts (B, k), their distributions (B, k, V)), propose_tree(out, pos, tree, draw) for tree
+# speculation (below), and stop(); k is its number of drafts per step.
 
 
 class _DraftModel:
@@ -292,8 +293,9 @@ def speculative_generate(model, idx, max_new_tokens, *, draft=None, k=4, tempera
     tree: branching factors per depth, e.g. (3, 2, 1, 1) (a tuple or "3,2,1,1"): each step drafts a tree
         of candidates and verifies all its nodes in one target forward (see Tree); k is then its depth,
         `proposed`/`acceptance_rate` count one draft per depth (the path), and stats add `tree` and
-        `nodes` (tokens per verify forward - 1). (1,) * k proposes what the chain does, with the tree's
-        sampler. With draft="mtp" the depth must not exceed mtp_depth.
+        `nodes` (tokens per verify forward - 1). (1,) * k is a chain (with a draft model it proposes
+        what k=k does; with MTP, module d's distribution follows the most likely earlier drafts rather
+        than the sampled ones). With draft="mtp" the depth must not exceed mtp_depth.
     compile: compile the target's verify forward and the draft model's decode forwards (static shapes,
         see forward_fn; default: on for CUDA). The MTP modules and the prefills run eagerly.
     """
