@@ -3,6 +3,7 @@
     python sample.py --ckpt out --prompt "def fib(n):"
     python sample.py --ckpt out --draft out-draft --temperature 0     # speculative, with a draft model
     python sample.py --ckpt out --speculate mtp                       # speculative, with the MTP head
+    python sample.py --ckpt out --draft out-draft --tree 3,2,1,1      # tree speculation (the default)
     python sample.py --hf path/to/Llama-3.2-1B --prompt "The capital of France is"
 """
 import argparse
@@ -14,7 +15,7 @@ import torch
 
 from nano.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from nano.config import OneLineParser
-from nano.generate import generate, speculative_generate
+from nano.generate import generate, parse_tree, speculative_generate
 from nano.runtime import autocast, pick_device
 from nano.tokenizer import Tokenizer, load_tokenizer
 
@@ -39,7 +40,12 @@ def parse(argv):
     spec.add_argument("--draft", help="run directory of a draft model with the same tokenizer")
     spec.add_argument("--speculate", choices=["mtp"], help="speculate with the model's own MTP modules")
     p.add_argument("--k", type=int, default=None,
-                   help="draft tokens per speculative step (default: 4 with --draft, mtp_depth with mtp)")
+                   help="a chain of k draft tokens per speculative step instead of the default tree")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="compile the decode steps (static shapes; auto: on for CUDA)")
+    p.add_argument("--tree", default=None,
+                   help="branching factors per depth, e.g. 3,2,1,1 (default: 3,2,1,1 with --draft, its first "
+                        "mtp_depth factors with mtp); 1,1,1,1 is the chain")
     return p.parse_args(argv)
 
 
@@ -88,14 +94,15 @@ def main(argv):
 
     ids = [tok.bos_id] + tok.encode(args.prompt)
     idx = torch.tensor([ids] * args.num_samples, device=device)
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+              compile={"auto": None, "true": True, "false": False}[args.compile])
     t0 = time.perf_counter()
     with autocast(device, dtype):
         if draft is None:
             out, stats = generate(model, idx, args.max_new_tokens, **kw), {}
         else:
-            k = args.k or (model.config.mtp_depth if draft == "mtp" else 4)
-            out, stats = speculative_generate(model, idx, args.max_new_tokens, draft=draft, k=k, **kw)
+            tree = default_tree(args, model, draft)
+            out, stats = speculative_generate(model, idx, args.max_new_tokens, draft=draft, tree=tree, **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -105,9 +112,22 @@ def main(argv):
     n_new = args.num_samples * args.max_new_tokens
     line = f"{n_new} tokens in {dt:.2f} s: {n_new / dt:,.1f} tokens/s"
     if stats:
-        line += (f"; k {stats.get('k', k)}, acceptance rate {stats['acceptance_rate']:.1%}, "
-                 f"{stats['tokens_per_step']:.2f} tokens per target forward")
+        per_depth = ", ".join(f"{a:.0%}" for a in stats["accepted_at"])
+        line += (f"; k {stats['k']}, acceptance rate {stats['acceptance_rate']:.1%}, "
+                 f"{stats['tokens_per_step']:.2f} tokens per target forward; tree {','.join(map(str, stats['tree']))} "
+                 f"({stats['nodes']} nodes), accepted per depth {per_depth}")
     print(line)
+
+
+def default_tree(args, model, draft):
+    """--tree, else a chain of --k, else 3,2,1,1 (cut to mtp_depth with MTP: module d drafts depth d)."""
+    if args.tree and args.k:
+        raise ValueError("pass --tree or --k, not both (--k K is the tree 1,1,...,1 of depth K)")
+    if args.tree:
+        return parse_tree(args.tree)
+    if args.k:
+        return (1,) * args.k
+    return (3, 2, 1, 1)[:model.config.mtp_depth] if draft == "mtp" else (3, 2, 1, 1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
     python bench/decode.py --ckpt out --draft out-draft      # + speculative speedup of a trained pair on
                                         [--mtp-ckpt out-mtp] #   prompts from the held-out split
     python bench/decode.py --smoke                           # CPU, tiny random models: checks the script runs
+    python bench/decode.py --acceptance --ckpt out --draft out-draft [--mtp-ckpt out-mtp]   # CPU: trees
+                                                             # against chains, tokens per target forward
 
 Plain decode: batch 1, a static KV cache (allocated once), greedy, one token per forward, eager, under
 torch.compile, and under torch.compile with CUDA graphs ("reduce-overhead": at batch 1 a 124M model
@@ -20,10 +22,16 @@ prompts, same execution mode (eager, or each model's forward / hidden_states / m
 torch.compile): the ratio of times is the speedup. The greedy outputs are compared token for token; in
 bf16 a verify forward over k + 1 tokens rounds differently from a one-token forward, so a near-tie can
 resolve differently (reported as "identical").
+
+Acceptance (--acceptance; any device, CPU is fine): tree speculation against the chain, as mean tokens per
+target forward at temperature 0 (and at --temperature), for each --trees entry against the chain of the
+same depth and the chain of the same verification width (its number of nodes; not for MTP, whose chain
+is at most mtp_depth long). Target of issue 18: a tree >= 1.3x the chain's tokens per target forward.
 """
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -41,6 +49,7 @@ from nano.model import Transformer  # noqa: E402
 # Targets of issue 7 (H100, bf16)
 PLAIN_TARGET = 0.60  # plain decode tokens/s >= 60% of the bandwidth bound, presets 124M..1B
 SPEC_TARGET = 2.0  # speculative >= 2.0x plain at temperature 0 with the trained pair
+TREE_TARGET = 1.3  # issue 18: tree tokens per target forward >= 1.3x the chain's
 
 
 def sync(device):
@@ -153,7 +162,8 @@ def bench_plain(args, device, dtype, bandwidth):
                 rows.append(row)
                 continue
             if ref is None:  # generate()'s greedy tokens: the loop decodes the same sequence
-                ref = generate(model, prompt, args.new_tokens + 1, temperature=0)[:, args.prompt_len + 1:]
+                ref = generate(model, prompt, args.new_tokens + 1, temperature=0,
+                               compile=False)[:, args.prompt_len + 1:]
             same = (tokens == ref).float().mean().item()
             row.update(tok_s=tok_s, fraction_of_bound=tok_s / bound, ms_per_token=1e3 / tok_s,
                        tokens_equal_generate=same)
@@ -193,17 +203,19 @@ def bench_spec(label, model, draft, prompts, args, device, mode):
         compiled(model), compiled(draft)
     try:
         for prompt in prompts[:1]:  # warm up / compile every shape once
-            generate(model, prompt, args.new_tokens, temperature=0)
-            speculative_generate(model, prompt, args.new_tokens, draft=draft, k=k, temperature=0)
+            generate(model, prompt, args.new_tokens, temperature=0, compile=False)
+            speculative_generate(model, prompt, args.new_tokens, draft=draft, k=k, temperature=0,
+                                 compile=False)
         t_plain = t_spec = 0.0
         same, acc, tps, n_fwd = [], [], [], 0
         for prompt in prompts:
             sync(device)
             t0 = time.perf_counter()
-            want = generate(model, prompt, args.new_tokens, temperature=0)
+            want = generate(model, prompt, args.new_tokens, temperature=0, compile=False)
             sync(device)
             t1 = time.perf_counter()
-            got, stats = speculative_generate(model, prompt, args.new_tokens, draft=draft, k=k, temperature=0)
+            got, stats = speculative_generate(model, prompt, args.new_tokens, draft=draft, k=k, temperature=0,
+                                 compile=False)
             sync(device)
             t_plain, t_spec = t_plain + t1 - t0, t_spec + time.perf_counter() - t1
             same.append(torch.equal(got, want))
@@ -221,6 +233,41 @@ def bench_spec(label, model, draft, prompts, args, device, mode):
           f"tok/s  {row['speedup']:5.2f}x  accept {row['acceptance_rate']:.1%}  {row['tokens_per_step']:.2f} "
           f"tok/fwd  identical {row['identical']:.0%}")
     return row
+
+
+def chains_for(tree, mtp_depth):
+    """The chains a tree is compared with: same depth, and same verification width (number of nodes)."""
+    nodes = sum(math.prod(tree[:d]) for d in range(1, len(tree) + 1))
+    out = {"same depth": (1,) * len(tree)}
+    if not mtp_depth and nodes > len(tree):
+        out["same width"] = (1,) * nodes
+    return out
+
+
+def bench_acceptance(label, model, draft, prompts, args):
+    """Tokens per target forward of each tree and of its chains, greedy and sampled (eager)."""
+    rows = []
+    mtp_depth = model.config.mtp_depth if draft == "mtp" else 0
+    for spec in args.trees.split(";"):
+        tree = tuple(int(b) for b in spec.split(","))[:mtp_depth or None]
+        for temperature in (0.0, args.temperature):
+            def tps(t):
+                stats = [speculative_generate(model, p, args.new_tokens, draft=draft, tree=t, temperature=temperature,
+                                              seed=i, compile=False)[1] for i, p in enumerate(prompts)]
+                per_depth = [sum(s["accepted_at"][d] for s in stats) / len(stats) for d in range(len(t))]
+                return sum(s["tokens_per_step"] for s in stats) / len(stats), per_depth
+            got, depth_acc = tps(tree)
+            row = {"label": label, "tree": tree, "temperature": temperature, "tokens_per_step": got,
+                   "accepted_at": depth_acc}
+            line = f"{label:>20} T={temperature:<4} tree {','.join(map(str, tree)):<10} {got:5.2f} tok/fwd"
+            for name, chain in chains_for(tree, mtp_depth).items():
+                ref = tps(chain)[0]
+                row[f"chain_{name.replace(' ', '_')}"] = ref
+                row[f"ratio_{name.replace(' ', '_')}"] = got / ref
+                line += f"  chain ({name}, {len(chain)}) {ref:5.2f}: {got / ref:4.2f}x"
+            rows.append(row)
+            print(line)
+    return rows
 
 
 def load_pair(args, device, dtype):
@@ -280,9 +327,15 @@ def main():
     p.add_argument("--ckpt", help="trained target run directory (its held-out split gives the prompts)")
     p.add_argument("--draft", help="trained draft run directory (same tokenizer)")
     p.add_argument("--mtp-ckpt", help="a run trained with --mtp-depth >= 1 (default: --ckpt when it has MTP)")
+    p.add_argument("--acceptance", action="store_true",
+                   help="only trees against chains (tokens per target forward), on any device, CPU included")
+    p.add_argument("--trees", default="3,2,1,1;2,2,2;4,2", help="';'-separated trees for --acceptance")
+    p.add_argument("--temperature", type=float, default=1.0, help="the sampled setting of --acceptance")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: checks the script, measures nothing useful")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/decode.json; none with --smoke)")
     args = p.parse_args()
+    if args.acceptance:
+        return main_acceptance(args)
     if args.smoke:
         args.presets, args.modes, args.spec_modes = "tiny", "eager", "eager"
         args.prompt_len, args.new_tokens, args.n_prompts = 16, 12, 2
@@ -351,6 +404,29 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.out}")
+
+
+def main_acceptance(args):
+    """Trees against chains, in fp32 on the CPU unless CUDA is there; writes decode_acceptance.json."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.prompt_len, args.new_tokens, args.n_prompts, args.trees = 16, 12, 2, "2,2"
+    target, draft, mtp, prompts, weights = load_pair(args, device, torch.float32)
+    rows = []
+    for label, model, d in (("draft model", target, draft), ("mtp", mtp, "mtp")):
+        if model is not None and d is not None:
+            rows += bench_acceptance(f"{label} ({weights})", model, d, prompts, args)
+    best = max((r.get("ratio_same_depth", 0) for r in rows), default=None)
+    print(f"\nbest tree / chain of the same depth: {best:.2f}x (target >= {TREE_TARGET}x"
+          f"{'' if weights == 'trained' else ', random weights: not meaningful'})")
+    out = args.out or (None if args.smoke else os.path.join(ROOT, "bench", "results", "decode_acceptance.json"))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"command": " ".join(["python"] + sys.argv), "device": str(device), "weights": weights,
+                       "ckpt": args.ckpt, "draft": args.draft, "mtp_ckpt": args.mtp_ckpt,
+                       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows}, f, indent=2)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(batch_size, n_kv_head, max_len, v_dim, dtype=dtype, device=device),
                              persistent=False)
 
+    def move(self, src, dst):
+        """Copy the entries at slots src (B, n) to slots dst (B, n) (tree speculation's accepted path)."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        self.k[rows, :, dst] = self.k[rows, :, src]  # the gather copies first, so overlaps are safe
+        self.v[rows, :, dst] = self.v[rows, :, src]
+
     def update(self, slots, k, v):
         """slots: (B, T) cache slots of the new tokens; k, v: (B, T, Hkv, D). Returns the whole cache."""
         rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
@@ -212,6 +218,11 @@ class LatentCache(nn.Module):
         super().__init__()
         self.register_buffer("kv", torch.zeros(batch_size, 1, max_len, dim, dtype=dtype, device=device),
                              persistent=False)
+
+    def move(self, src, dst):
+        """Copy the entries at slots src (B, n) to slots dst (B, n), like KVCache.move."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        self.kv[rows, 0, dst] = self.kv[rows, 0, src]
 
     def update(self, slots, kv):
         """slots (B, T); kv (B, T, r + d_rope). Returns the whole cache."""
@@ -450,6 +461,12 @@ class Transformer(nn.Module):
         for block in self._blocks():
             block.attention.setup_cache(batch_size, self.cache_len, dtype or p.dtype, device or p.device)
 
+    def move_cache(self, src, dst):
+        """Copy the main layers' cache entries at slots src (B, n) to slots dst (B, n): after a tree
+        verify forward, the accepted path moves from its nodes' slots to the slots of its positions."""
+        for layer in self.layers:
+            layer.attention.cache.move(src, dst)
+
     def clear_cache(self):
         self.cache_len = None
         for block in self._blocks():
@@ -464,7 +481,8 @@ class Transformer(nn.Module):
 
     # ---- forward
 
-    def forward(self, idx, targets=None, *, cu_seqlens=None, max_seqlen=None, start_pos=None, prefill=False):
+    def forward(self, idx, targets=None, *, cu_seqlens=None, max_seqlen=None, start_pos=None, prefill=False,
+                tree=None):
         """idx (B, T) int64 -> (logits (B, T, V), loss or None).
 
         cu_seqlens: int32 (N+1,) document boundaries over the flattened B*T tokens; every row start is a
@@ -478,6 +496,10 @@ class Transformer(nn.Module):
             KV cache (setup_cache).
         start_pos: decode with the KV cache: idx[:, 0] is at this position, an int or a (B,) tensor (rows
             may be at different lengths).
+        tree: decode with the KV cache at explicit (positions (B, T), slots (B, T), mask (B, T, L)): token
+            j gets RoPE position positions[:, j], is written to cache slot slots[:, j] and sees the slots
+            where mask[:, j] is True (its own included). Tree speculation's verify forward: siblings
+            share a position, each node has its own slot and sees the prefix and its ancestors only.
         With targets, loss = cross-entropy + mtp_weight * mean of the MTP modules' cross-entropies (when
         mtp_depth > 0) + the MoE balance losses (when aux_loss_alpha > 0); on CUDA with fused_ce the
         logits are None (see lm_loss). `self.loss_terms` then holds the detached parts ("lm", "mtp",
@@ -485,7 +507,7 @@ class Transformer(nn.Module):
         In training mode, each forward adds the tokens every MoE layer routed to each expert to the
         counters that update_moe_bias() consumes. No host sync anywhere on the training path.
         """
-        ctx = self._context(idx, cu_seqlens, max_seqlen, start_pos, prefill)
+        ctx = self._context(idx, cu_seqlens, max_seqlen, start_pos, prefill, tree)
         h, aux = self._trunk(idx, ctx)
         if targets is None:
             logits, loss = self.output(h), None
@@ -516,16 +538,22 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def hidden_states(self, idx, *, cu_seqlens=None, max_seqlen=None, start_pos=None, prefill=False):
+    def hidden_states(self, idx, *, cu_seqlens=None, max_seqlen=None, start_pos=None, prefill=False, tree=None):
         """The final-norm hidden states (B, T, n_embd) that the LM head (and MTP module 1) reads."""
-        return self._trunk(idx, self._context(idx, cu_seqlens, max_seqlen, start_pos, prefill))[0]
+        return self._trunk(idx, self._context(idx, cu_seqlens, max_seqlen, start_pos, prefill, tree))[0]
 
-    def _context(self, idx, cu_seqlens, max_seqlen, start_pos, prefill):
+    def _context(self, idx, cu_seqlens, max_seqlen, start_pos, prefill, tree=None):
         """The forward's Context: its mode, from the arguments that name it, and what the mode needs."""
         B, T = idx.shape
         steps = torch.arange(T, device=idx.device)
-        if (prefill or start_pos is not None) and self.cache_len is None:
-            raise ValueError("prefill / start_pos decode with the KV cache: call model.setup_cache(...) first")
+        if (prefill or start_pos is not None or tree is not None) and self.cache_len is None:
+            raise ValueError("prefill / start_pos / tree decode with the KV cache: call model.setup_cache(...) first")
+        if tree is not None:
+            if prefill or start_pos is not None or cu_seqlens is not None:
+                raise ValueError("tree=(positions, slots, mask) is a decode of its own: pass no prefill, "
+                                 "start_pos or cu_seqlens")
+            positions, slots, mask = tree
+            return Context("decode", self._rope(positions), slots=slots, mask=mask)
         if prefill:
             if start_pos is not None or cu_seqlens is not None:
                 raise ValueError("prefill starts every row at position 0: pass no start_pos or cu_seqlens")
