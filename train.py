@@ -236,7 +236,7 @@ def main(argv):
         raw_model.eval()  # every rank runs it (FSDP needs all of them for a forward); rank 0 prints
         prompt = torch.tensor([[tok.bos_id] + tok.encode("def ")], device=device)
         with autocast(device, dtype):
-            out = generate(raw_model, prompt, n, temperature=0.8, top_k=50, seed=cfg.seed)
+            out = generate(raw_model, prompt, n, temperature=0.8, top_k=50, seed=cfg.seed, compile=False)
         raw_model.train()
         if master:
             tqdm.write("sample: " + repr(tok.decode(out[0, 1:].tolist())))
