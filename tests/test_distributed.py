@@ -4,9 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 
 import pytest
+
+from common import script_env, stdlib_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--preset", "tiny", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
@@ -16,15 +17,8 @@ ARGS = ["--preset", "tiny", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for n in sorted(n for n in os.listdir(stdlib) if n.endswith(".py"))[:15]:
-        with open(os.path.join(stdlib, n), encoding="utf-8", errors="replace") as f:
-            (d / (n + ".txt")).write_text(f.read())
-    env = dict(os.environ, NANO_CACHE=str(tmp_path_factory.mktemp("cache")), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    d = stdlib_corpus(tmp_path_factory.mktemp("corpus"))
+    env = script_env(tmp_path_factory.mktemp("cache"))
     single = tmp_path_factory.mktemp("single")
     train([*ARGS, "--data", str(d), "--out-dir", str(single)], env)  # also fills the data cache
     return str(d), env, str(single)

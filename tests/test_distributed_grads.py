@@ -4,29 +4,18 @@ targets and their weighting matters). AdamW with clipping is blind to a uniform 
 alone would not see a lost `* world` factor; the grad norm does."""
 import json
 import os
-import random
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 import torch
+
+from common import short_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
         "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--warmup-steps", "1",
         "--max-steps", "3", "--eval-every", "100", "--eval-steps", "1", "--sample-every", "0", "--lr", "3e-3"]
-
-
-def short_documents(path, n=600, seed=0):
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py"), encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            i = rng.randrange(len(lines) - 4)
-            f.write(json.dumps({"text": " ".join(lines[i:i + rng.randint(1, 4)])}) + "\n")
-    return str(path)
 
 
 def train(args, env, nproc=1):

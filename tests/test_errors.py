@@ -3,32 +3,19 @@ subprocesses): exit code and one line on stderr, no traceback. Config errors exi
 train.py's and sample.py's refusals: one line on stderr, exit code 2."""
 import json
 import os
-import random
 import subprocess
 import sys
-import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from nano.checkpoint import load_checkpoint, save_checkpoint
+from common import short_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
         "--vocab-size", "300", "--seq-len", "32", "--batch-size", "2", "--eval-steps", "1", "--sample-every", "0"]
-
-
-def short_documents(path, n=600, seed=0):
-    """A .jsonl of many short documents (stdlib lines): many document ends in every row."""
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py"), encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            i = rng.randrange(len(lines) - 4)
-            f.write(json.dumps({"text": " ".join(lines[i:i + rng.randint(1, 4)])}) + "\n")
-    return str(path)
 
 
 def script(name, args, env, timeout=300):

@@ -66,8 +66,8 @@ def half_written(state, f):  # half of the checkpoint reaches the disk
 
 
 save = torch.save
-if what == "prepare":  # data preparation: once the train shard is written
-    on_nth_call(nano.data, "_write_shard", after=True)
+if what == "prepare":  # data preparation: the shards written, the cache folder not yet in place
+    on_nth_call(nano.data, "_write_shards", after=True)
 elif what == "step":  # in a step (the n-th batch drawn, eval batches included)
     on_nth_call(nano.data.PackedLoader, "next_batch", before=lambda *args: None)
 elif what == "save":  # half-way through writing a checkpoint

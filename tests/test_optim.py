@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from nano.config import ModelConfig, TrainConfig
 from nano.model import Transformer
 from nano.optim import NS_COEFFS, Muon, build_optimizers, lr_at, newton_schulz, param_groups
+from common import script_env, stdlib_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,15 +166,8 @@ def records(out_dir):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The 1-process Muon run every other test here compares with."""
-    d = tmp_path_factory.mktemp("corpus")
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for n in sorted(n for n in os.listdir(stdlib) if n.endswith(".py"))[:15]:
-        with open(os.path.join(stdlib, n), encoding="utf-8", errors="replace") as f:
-            (d / (n + ".txt")).write_text(f.read())
-    env = dict(os.environ, NANO_CACHE=str(tmp_path_factory.mktemp("cache")), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    d = stdlib_corpus(tmp_path_factory.mktemp("corpus"))
+    env = script_env(tmp_path_factory.mktemp("cache"))
     out = str(tmp_path_factory.mktemp("single"))
     train([*ARGS, "--data", str(d), "--out-dir", out], env)
     return [*ARGS, "--data", str(d)], env, out

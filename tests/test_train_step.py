@@ -3,32 +3,19 @@ step's rows are split into micro-steps (1x8, 4x2, 8x1, the last from --tokens-pe
 overflow is skipped, counted, and halves the loss scale."""
 import json
 import os
-import random
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 import torch
+
+from common import short_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 32
 TINY = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
         "--vocab-size", "300", "--seq-len", str(T), "--eval-steps", "1", "--sample-every", "0",
         "--warmup-steps", "1"]
-
-
-def short_documents(path, n=600, seed=0):
-    """A .jsonl of many short documents (stdlib lines): many document ends in every row, so micro-batches
-    hold different numbers of targets and their weighting matters."""
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py"), encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            i = rng.randrange(len(lines) - 4)
-            f.write(json.dumps({"text": " ".join(lines[i:i + rng.randint(1, 4)])}) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
