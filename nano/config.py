@@ -134,6 +134,12 @@ class TrainConfig:
     ckpt_every: int = 200
     log_every: int = 10
     sample_every: int = 500  # print a short sample every this many steps (and at the end); 0 = only at the end
+    # post-training (nano/finetune.py): start from a model, adapt it with LoRA, train on chat or preference data
+    init_from: str = ""  # "" = random weights; or a nano run directory / checkpoint, or a Hugging Face folder
+    lora_rank: int = 0  # 0 = off (every weight trains); r > 0: frozen base + rank-r adapters (nano/lora.py)
+    lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank (Hu et al. 2021)
+    lora_targets: str = ""  # comma-separated weight names (wq,wk,wv,wo,w1,w2,w3,...); "" = every projection
+    dpo_beta: float = 0.1  # DPO (preference .jsonl): how far the policy may move from the reference
 
     def __post_init__(self):
         _check(self.dtype in ("auto", "bf16", "fp16", "fp32"),
@@ -145,6 +151,9 @@ class TrainConfig:
         _check(self.schedule in ("cosine", "wsd"), f"schedule must be cosine|wsd, got {self.schedule!r}")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum"):
             _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _check(self.lora_rank >= 0, f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        _check(self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
+        _check(self.dpo_beta > 0, f"dpo_beta must be positive, got {self.dpo_beta}")
 
 
 def _check(ok, message):

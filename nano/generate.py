@@ -4,6 +4,8 @@ several per target forward with a draft model or MTP modules (speculative_genera
 The sampling transform (temperature, top-k, top-p) lives in one function, `logits_to_probs`, so
 plain and speculative decoding sample from exactly the same distribution.
 """
+import contextlib
+
 import torch
 
 
@@ -88,29 +90,50 @@ def _use_compile(compile, device):
     return device.type == "cuda" if compile is None else bool(compile)
 
 
-@torch.no_grad()
 def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, seed=None, compile=None):
     """The prompt idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
     compile: compile the one-token decode step (static shapes; default: on for CUDA)."""
-    B, T = idx.shape
     if max_new_tokens <= 0:
         return idx
+    steps = _decode(model, idx, max_new_tokens, temperature, top_k, top_p, seed, compile)
+    return torch.cat([idx, *steps], dim=1)
+
+
+def stream(model, idx, max_new_tokens, *, stop=(), temperature=1.0, top_k=None, top_p=None, seed=None,
+           compile=None):
+    """Yield the sampled token ids (ints) of one prompt idx (1, T) one at a time, as generate samples them,
+    until max_new_tokens or a token in `stop` (which is yielded too): a chat streams its reply."""
+    if idx.shape[0] != 1:
+        raise ValueError(f"stream takes one prompt (1, T), got a batch of {idx.shape[0]}")
+    if max_new_tokens <= 0:
+        return
+    with contextlib.closing(_decode(model, idx, max_new_tokens, temperature, top_k, top_p, seed, compile)) as steps:
+        for token in steps:
+            token = token.item()
+            yield token
+            if token in stop:
+                return
+
+
+@torch.no_grad()
+def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, seed, compile):
+    """Yield (B, 1) tokens: prefill the prompt into the KV cache, then one decode step per token. The cache
+    is freed when the generator ends or is closed."""
+    B, T = idx.shape
     gen = make_generator(seed, idx.device)
     compile = _use_compile(compile, idx.device)
     step = forward_fn(compile, idx.device)
     model.setup_cache(B, cache_size(T + max_new_tokens, compile))
     try:
-        out = [idx]
         logits = prefill(model, idx)
         pos = torch.full((B,), T, device=idx.device)
         for i in range(max_new_tokens):
             token = sample(logits_to_probs(logits, temperature, top_k, top_p), gen)
-            out.append(token)
+            yield token
             if i + 1 < max_new_tokens:
                 logits = step(model, token, start_pos=pos + i)[0][:, -1]
     finally:
         model.clear_cache()
-    return torch.cat(out, dim=1)
 
 
 # -----------------------------------------------------------------------------

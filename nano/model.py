@@ -10,7 +10,7 @@ of DeepSeek's own inference code (attention.wq_a/q_norm/wq_b/wkv_a/kv_norm/wkv_b
 layout of Hugging Face checkpoints; convert.py permutes interleaved (Meta, DeepSeek) q/k weights into it.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -432,6 +432,24 @@ class Transformer(nn.Module):
                 m.init_weights(std, resid_std)
         self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
 
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size):
+        """Append embedding (and untied head) rows for new tokens, e.g. the chat special tokens of a
+        fine-tune, each the mean of the existing rows: a new token starts as an average token rather than
+        noise, and its logit does not swamp the others (Hewitt 2021, "Initializing new word embeddings")."""
+        old = self.config.vocab_size
+        if vocab_size <= old:
+            return
+
+        def grown(w):
+            mean = w.float().mean(0, keepdim=True).to(w.dtype)
+            return nn.Parameter(torch.cat([w, mean.expand(vocab_size - old, -1)]), requires_grad=w.requires_grad)
+        self.tok_embeddings.weight = grown(self.tok_embeddings.weight)
+        self.output.weight = (self.tok_embeddings.weight if self.config.tie_embeddings
+                              else grown(self.output.weight))
+        self.tok_embeddings.num_embeddings = self.output.out_features = vocab_size
+        self.config = replace(self.config, vocab_size=vocab_size)
+
     def set_grad_ckpt(self, mode):
         """Gradient checkpointing of every block (the MTP modules' too), decided here and nowhere else:
         "none"; "full" keeps only each block's input and recomputes the block in the backward;
@@ -482,7 +500,7 @@ class Transformer(nn.Module):
     # ---- forward
 
     def forward(self, idx, targets=None, *, cu_seqlens=None, max_seqlen=None, start_pos=None, prefill=False,
-                tree=None):
+                tree=None, reduction="mean"):
         """idx (B, T) int64 -> (logits (B, T, V), loss or None).
 
         cu_seqlens: int32 (N+1,) document boundaries over the flattened B*T tokens; every row start is a
@@ -504,6 +522,9 @@ class Transformer(nn.Module):
         mtp_depth > 0) + the MoE balance losses (when aux_loss_alpha > 0); on CUDA with fused_ce the
         logits are None (see lm_loss). `self.loss_terms` then holds the detached parts ("lm", "mtp",
         "balance"): a validation loss comparable across models with and without MTP is loss_terms["lm"].
+        reduction="none" (with targets): loss is each token's cross-entropy (B, T), 0 at -100 targets, and
+        nothing else (no MTP or balance term): DPO's per-token log-probs are minus these. It goes through
+        forward, not a side method, so that DDP, FSDP and torch.compile wrap it like the training loss.
         In training mode, each forward adds the tokens every MoE layer routed to each expert to the
         counters that update_moe_bias() consumes. No host sync anywhere on the training path.
         """
@@ -511,6 +532,8 @@ class Transformer(nn.Module):
         h, aux = self._trunk(idx, ctx)
         if targets is None:
             logits, loss = self.output(h), None
+        elif reduction == "none":
+            logits, loss = self.lm_loss(h, targets, reduction="none")
         else:
             logits, loss = self.lm_loss(h, targets)
             terms = {"lm": loss.detach()}
@@ -528,15 +551,21 @@ class Transformer(nn.Module):
             moe.record_loads([b.feed_forward for b in self._blocks()], aux)
         return logits, loss
 
-    def lm_loss(self, h, targets):
-        """(logits or None, mean cross-entropy) of hidden states h (B, T, D) against targets (B, T);
-        -100 targets are ignored. On CUDA (fused_ce) the loss comes from kernels.linear_cross_entropy,
-        which never materialises the (B*T, V) logits, and logits is None."""
+    def lm_loss(self, h, targets, reduction="mean"):
+        """(logits or None, cross-entropy) of hidden states h (B, T, D) against targets (B, T); -100
+        targets are ignored. reduction "mean" or "none" (per token, (B, T), 0 where ignored). On CUDA
+        (fused_ce) the loss comes from kernels.linear_cross_entropy, which never materialises the (B*T, V)
+        logits, and logits is None."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if self.config.fused_ce and h.is_cuda:
-            return None, kernels.linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.reshape(-1))
+            loss = kernels.linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.reshape(-1),
+                                                reduction=reduction)
+            return None, loss.view(targets.shape) if reduction == "none" else loss
         logits = self.output(h)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-100,
+                               reduction=reduction)
+        return logits, loss.view(targets.shape) if reduction == "none" else loss
 
     def hidden_states(self, idx, *, cu_seqlens=None, max_seqlen=None, start_pos=None, prefill=False, tree=None):
         """The final-norm hidden states (B, T, n_embd) that the LM head (and MTP module 1) reads."""
