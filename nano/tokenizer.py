@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import threading
+import unicodedata
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
@@ -41,13 +42,18 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
+# GPT-2's split, as Hugging Face's ByteLevel pre-tokenizer applies it when use_regex is true
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")  # the Unicode normal forms a tokenizer.json may ask for
 NANO_SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>"]  # pad is never in training data (nothing is padded)
 
 
 class Tokenizer:
     """Mergeable ranks + special tokens, encoded and decoded by tiktoken (Rust, releases the GIL)."""
 
-    def __init__(self, name, pat_str, mergeable_ranks, special_tokens, bos, eos, pad):
+    def __init__(self, name, pat_str, mergeable_ranks, special_tokens, bos, eos, pad, normalizer=None):
+        if normalizer not in (None, *NORMALIZERS):
+            raise ValueError(f"normalizer must be None or one of {NORMALIZERS}, got {normalizer!r}")
         for role, tok in (("bos", bos), ("eos", eos), ("pad", pad)):
             if tok not in special_tokens:
                 raise ValueError(f"{role} token {tok!r} is not among the special tokens "
@@ -55,6 +61,7 @@ class Tokenizer:
         self.name, self.pat_str = name, pat_str
         self.mergeable_ranks, self.special_tokens = dict(mergeable_ranks), dict(special_tokens)
         self.bos, self.eos, self.pad = bos, eos, pad
+        self.normalizer = normalizer  # a Unicode normal form applied before splitting (Qwen: NFC), or None
         self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=self.mergeable_ranks,
                                      special_tokens=self.special_tokens)
         self.bos_id, self.eos_id, self.pad_id = (special_tokens[t] for t in (bos, eos, pad))
@@ -63,12 +70,16 @@ class Tokenizer:
     def vocab_size(self):
         return self.enc.n_vocab  # largest id + 1, special tokens included
 
+    def normalize(self, text):
+        return unicodedata.normalize(self.normalizer, text) if self.normalizer else text
+
     def encode(self, text):
         # ordinary: "<|bos|>" typed in a document is text, never the special token
-        return self.enc.encode_ordinary(text)
+        return self.enc.encode_ordinary(self.normalize(text))
 
     def encode_batch(self, texts, num_threads=None):
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+        return self.enc.encode_ordinary_batch([self.normalize(t) for t in texts],
+                                              num_threads=num_threads or os.cpu_count() or 1)
 
     def decode(self, ids):
         if hasattr(ids, "tolist"):  # numpy arrays and torch tensors
@@ -105,7 +116,7 @@ class Tokenizer:
             "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                               "normalized": False, "special": True}
                              for t, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])],
-            "normalizer": None,
+            "normalizer": {"type": self.normalizer} if self.normalizer else None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": onig_pattern(self.pat_str)}, "behavior": "Isolated",
                  "invert": False},
@@ -133,8 +144,10 @@ class Tokenizer:
     # ---- persistence: a dict of plain values for checkpoints, or a BPE file + sidecar
 
     def _meta(self):
+        # the normalizer only when there is one: the fingerprints (and data caches) of the others stay
         return {"name": self.name, "pat_str": self.pat_str, "special_tokens": self.special_tokens,
-                "bos": self.bos, "eos": self.eos, "pad": self.pad}
+                "bos": self.bos, "eos": self.eos, "pad": self.pad,
+                **({"normalizer": self.normalizer} if self.normalizer else {})}
 
     def state(self):
         # only str/int/bytes/list/dict: checkpoints holding it load with torch.load(weights_only=True)
@@ -147,7 +160,7 @@ class Tokenizer:
         if missing:
             raise ValueError(f"tokenizer state lacks {sorted(missing)}; it was not made by Tokenizer.state()")
         return cls(d["name"], d["pat_str"], dict(zip(d["tokens"], d["ranks"])), d["special_tokens"],
-                   d["bos"], d["eos"], d["pad"])
+                   d["bos"], d["eos"], d["pad"], d.get("normalizer"))
 
     def save(self, path):
         path = os.fspath(path)
@@ -171,7 +184,7 @@ class Tokenizer:
                 with open(side) as f:
                     meta = json.load(f)
                 return cls(meta["name"], meta["pat_str"], ranks, meta["special_tokens"],
-                           meta["bos"], meta["eos"], meta["pad"])
+                           meta["bos"], meta["eos"], meta["pad"], meta.get("normalizer"))
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{side} is not a nano tokenizer sidecar ({e!r}); delete it to read {path} "
                                  "as a Llama-3 tokenizer.model, or save the tokenizer again") from None
@@ -180,6 +193,107 @@ class Tokenizer:
         specials = {tok: first + i for i, tok in enumerate(LLAMA3_SPECIALS)}
         return cls(os.path.basename(path), LLAMA3_SPLIT, ranks, specials,
                    "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>")
+
+
+    @classmethod
+    def from_hf(cls, path):
+        """A Hugging Face byte-level BPE (GPT-2's, Qwen's, Llama-3's tokenizer.json, or a folder holding one):
+        its vocab read back into tiktoken ranks, its added tokens as special tokens, the split regex of its
+        pre-tokenizer, its normalizer, and bos/eos/pad from tokenizer_config.json where it names them.
+
+        Differences from Hugging Face's encode that remain: an added token typed in the text is text here
+        (nano's encode is ordinary), and a chunk that is itself a token is that token (tiktoken's rule,
+        HF's ignore_merges) even where the merges would not build it."""
+        path = os.fspath(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} does not exist: give a tokenizer.json or the folder holding it")
+        try:
+            with open(file, encoding="utf-8") as f:
+                tj = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{file} is not JSON ({str(e)[:80]}): give a Hugging Face tokenizer.json") from None
+
+        def refuse(why):
+            return ValueError(f"{file}: {why}; nano reads only byte-level BPE tokenizers (GPT-2, Llama-3, Qwen)")
+
+        model = tj.get("model") or {}
+        if model.get("type") != "BPE":
+            raise refuse(f"its model is {model.get('type')!r}, not BPE")
+        if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+            raise refuse("a BPE with byte fallback or sub-word affixes (SentencePiece style)")
+        pat_str = _hf_split(tj.get("pre_tokenizer"), refuse)
+        normalizer = _hf_normalizer(tj.get("normalizer"), refuse)
+        vocab, added = model.get("vocab") or {}, {t["content"]: t["id"] for t in tj.get("added_tokens") or []}
+        byte_of = {c: b for b, c in _byte_chars().items()}
+        ranks = {}
+        for text, i in vocab.items():
+            if i in added.values():  # GPT-2 lists <|endoftext|> both in its vocab and as an added token
+                continue
+            if any(c not in byte_of for c in text):
+                raise refuse(f"vocab token {text!r} is not in the byte-level alphabet")
+            ranks[bytes(byte_of[c] for c in text)] = i
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise refuse(f"{len(missing)} single bytes are not tokens (e.g. {bytes([missing[0]])!r})")
+        # tiktoken merges the adjacent pair that makes the lowest-numbered token, Hugging Face the pair listed
+        # first: the same order when the tokens the merges make are numbered in the order of the merges
+        last = -1
+        for k, m in enumerate(model.get("merges") or []):
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            made = vocab.get(a + b)
+            if made is None or a not in vocab or b not in vocab or made < last:
+                raise refuse(f"merge {k} ({a!r} {b!r}) does not follow the vocabulary's numbering, so tiktoken "
+                             "would split text differently")
+            last = made
+        if not added:
+            raise refuse("no added tokens (nano needs an end-of-text token)")
+        cfg_path = os.path.join(os.path.dirname(os.path.abspath(file)), "tokenizer_config.json")
+        cfg = {}
+        if os.path.isfile(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+
+        def named(key, *fallbacks):  # the config's token when it is an added one, else the first fallback
+            v = cfg.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            return next((t for t in (v, *fallbacks) if t in added), None)
+
+        eos = named("eos_token", "<|endoftext|>", "<|end_of_text|>", "</s>") or min(added, key=added.get)
+        # Qwen has no bos: its <|endoftext|> separates documents in pre-training, as bos does in nano's data
+        bos = named("bos_token", "<|begin_of_text|>", "<s>", "<|endoftext|>") or eos
+        pad = named("pad_token") or eos
+        name = "hf-" + os.path.basename(os.path.dirname(os.path.abspath(file)))
+        return cls(name, pat_str, ranks, added, bos, eos, pad, normalizer)
+
+
+def _hf_split(pre, refuse):
+    """The split regex of a byte-level pre-tokenizer: a Split (Isolated) then ByteLevel without its own
+    regex (Llama-3, Qwen), or ByteLevel with its regex (GPT-2's)."""
+    steps = (pre.get("pretokenizers") or []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [s.get("type") for s in steps]
+    if kinds not in (["ByteLevel"], ["Split", "ByteLevel"]):
+        raise refuse(f"pre-tokenizers {kinds} (nano knows ByteLevel, or Split then ByteLevel)")
+    level = steps[-1]
+    if level.get("add_prefix_space"):
+        raise refuse("ByteLevel with add_prefix_space")
+    if len(steps) == 1:
+        if not level.get("use_regex", True):
+            raise refuse("ByteLevel without a split regex")
+        return GPT2_SPLIT
+    split = steps[0]
+    if level.get("use_regex", True) or split.get("behavior") != "Isolated" or split.get("invert") \
+            or "Regex" not in (split.get("pattern") or {}):
+        raise refuse("a Split other than an Isolated regex followed by ByteLevel(use_regex=false)")
+    return split["pattern"]["Regex"]
+
+
+def _hf_normalizer(norm, refuse):
+    if norm and norm.get("type") == "Sequence" and len(norm.get("normalizers") or []) <= 1:
+        norm = (norm.get("normalizers") or [None])[0]
+    if norm is None or norm.get("type") in NORMALIZERS:
+        return norm and norm["type"]
+    raise refuse(f"normalizer {norm.get('type')!r} (nano applies none or one of {', '.join(NORMALIZERS)})")
 
 
 def _atomic_write(path, data):
@@ -280,10 +394,13 @@ def _load_named(name):
 
 
 def load_tokenizer(spec):
-    """A nano tokenizer file, a tiktoken BPE file (Llama-3 tokenizer.model), or a cached tiktoken name."""
+    """A nano tokenizer file, a tiktoken BPE file (Llama-3 tokenizer.model), a Hugging Face tokenizer.json or
+    a folder holding one, or a cached tiktoken name."""
     if not spec:
         raise ValueError("empty tokenizer spec: give a tokenizer file or a tiktoken encoding name "
                          "(leave --tokenizer empty to train nano's BPE on the corpus)")
+    if os.path.isfile(os.path.join(spec, "tokenizer.json")) or (spec.endswith(".json") and os.path.isfile(spec)):
+        return Tokenizer.from_hf(spec)
     if os.path.exists(spec):
         return Tokenizer.load(spec)
     if spec in tiktoken.list_encoding_names():
