@@ -19,7 +19,8 @@
   break instead, its tail held out.
 - PackedLoader lays the documents of each epoch (shuffled by seed and epoch) back to back in one
   stream and cuts consecutive rows of seq_len + 1 tokens out of it (rows overlap by one token, so every
-  token is a target once per epoch). Targets that are the first token of another document are -100.
+  token is a target once per epoch). Targets that are the first token of another document are -100, and
+  so are those whose Shard.mask is False (chat data: only the assistant turns are trained, nano.chat).
 """
 import array
 import collections
@@ -282,6 +283,7 @@ class Shard:
     tokens: np.ndarray  # (n_tokens,) uint16 / uint32, usually a read-only np.memmap
     doc_starts: np.ndarray  # (n_docs + 1,) int64; doc_starts[-1] == n_tokens
     name: str = "train"
+    mask: np.ndarray | None = None  # (n_tokens,) bool: False = never a target (chat context); None = all
 
     @property
     def n_docs(self):
@@ -369,7 +371,8 @@ def _write_shards(folder, pairs, tok, dtype, total_bytes, progress):
 
     def encode(batch):
         # encode_to_numpy skips Python ints; no special tokens allowed = ordinary text, like tok.encode
-        return [(split, tok.enc.encode_to_numpy(t, disallowed_special=()).astype(dtype), t.encode())
+        return [(split, tok.enc.encode_to_numpy(tok.normalize(t), disallowed_special=()).astype(dtype),
+                 t.encode())
                 for split, t in batch]
 
     splits = ("train", "val")
@@ -584,6 +587,9 @@ class PackedLoader:
         if len(shard) < seq_len + 1:
             raise ValueError(f"the {shard.name} split has {len(shard)} tokens, fewer than one training row "
                              f"(seq_len + 1 = {seq_len + 1}): use more data or a smaller --seq-len")
+        if shard.mask is not None and len(shard.mask) != len(shard):
+            raise ValueError(f"the {shard.name} split's mask has {len(shard.mask)} entries for {len(shard)} "
+                             "tokens: build the mask with the tokens (nano.chat.prepare_chat)")
         self.shard, self.B, self.T = shard, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.lens = np.diff(shard.doc_starts)
@@ -610,9 +616,11 @@ class PackedLoader:
         return self._epochs[epoch]
 
     def _span(self, start, n):
-        """Stream tokens [start, start + n) as int64, and a mask of the positions that start a document."""
+        """Stream tokens [start, start + n) as int64, a mask of the positions that start a document, and the
+        shard's mask of those tokens (None when it has none)."""
         out, is_start = np.empty(n, np.int64), np.zeros(n, bool)
-        tokens, starts = self.shard.tokens, self.shard.doc_starts
+        tokens, starts, mask = self.shard.tokens, self.shard.doc_starts, self.shard.mask
+        keep = None if mask is None else np.empty(n, bool)
         filled = 0
         while filled < n:  # one iteration per document piece: documents are long, pieces are few
             epoch, off = divmod(start + filled, self.epoch_len)
@@ -622,22 +630,27 @@ class PackedLoader:
             inner = off - (int(ends[j]) - int(self.lens[doc]))  # offset inside the document
             take = min(int(self.lens[doc]) - inner, n - filled)
             out[filled:filled + take] = tokens[starts[doc] + inner:starts[doc] + inner + take]
+            if keep is not None:  # a long conversation is cut like a long document: its mask with it
+                keep[filled:filled + take] = mask[starts[doc] + inner:starts[doc] + inner + take]
             is_start[filled] = inner == 0
             filled += take
-        return out, is_start
+        return out, is_start, keep
 
     def next_batch(self):
         B, T = self.B, self.T
-        toks, is_start = self._span(self.pos + self.rank * B * T, B * T + 1)
+        toks, is_start, keep = self._span(self.pos + self.rank * B * T, B * T + 1)
         self.pos += self.world_size * B * T
         x = toks[:-1].reshape(B, T)
         y = toks[1:].copy()
-        y[is_start[1:]] = IGNORE  # the target would be the first token of another document
+        ignore = is_start[1:]  # the target would be the first token of another document
+        if keep is not None:
+            ignore = ignore | ~keep[1:]  # or a token the model only reads (a chat's prompt and headers)
+        y[ignore] = IGNORE
         bounds = is_start[:-1].copy()
         bounds[::T] = True  # every row starts a sequence
         cu = np.append(np.flatnonzero(bounds), B * T).astype(np.int32)
         self.n_seen += B * T
-        self.n_targets += B * T - int(is_start[1:].sum())
+        self.n_targets += B * T - int(ignore.sum())
         return torch.from_numpy(x), torch.from_numpy(y.reshape(B, T)), torch.from_numpy(cu)
 
     def state_dict(self):
