@@ -226,9 +226,9 @@ class Tokenizer:
         normalizer = _hf_normalizer(tj.get("normalizer"), refuse)
         vocab, added = model.get("vocab") or {}, {t["content"]: t["id"] for t in tj.get("added_tokens") or []}
         byte_of = {c: b for b, c in _byte_chars().items()}
-        ranks = {}
+        ranks, added_ids = {}, set(added.values())
         for text, i in vocab.items():
-            if i in added.values():  # GPT-2 lists <|endoftext|> both in its vocab and as an added token
+            if i in added_ids:  # GPT-2 lists <|endoftext|> both in its vocab and as an added token
                 continue
             if any(c not in byte_of for c in text):
                 raise refuse(f"vocab token {text!r} is not in the byte-level alphabet")
