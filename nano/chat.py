@@ -80,7 +80,7 @@ def chat_token_ids(tok):
 
 def end_of_turn_id(tok):
     kind = template(tok)
-    return _ids(tok, ["<|eot_id|>" if kind == "llama3" else "<|im_end|>" if kind == "chatml" else "<|end|>"])[0]
+    return _ids(tok, [{"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "nano": "<|end|>"}[kind]])[0]
 
 
 def check_messages(messages):

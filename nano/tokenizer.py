@@ -212,15 +212,17 @@ class Tokenizer:
             with open(file, encoding="utf-8") as f:
                 tj = json.load(f)
         except ValueError as e:
-            raise ValueError(f"{file} is not JSON ({str(e)[:80]}): give a Hugging Face tokenizer.json") from None
+            raise ValueError(f"{file} is not JSON ({str(e)[:80]}): give a Hugging Face tokenizer.json") \
+                from None
 
         def refuse(why):
-            return ValueError(f"{file}: {why}; nano reads only byte-level BPE tokenizers (GPT-2, Llama-3, Qwen)")
+            return ValueError(f"{file}: {why}; nano reads only byte-level BPE tokenizers "
+                              "(GPT-2, Llama-3, Qwen)")
 
         model = tj.get("model") or {}
         if model.get("type") != "BPE":
             raise refuse(f"its model is {model.get('type')!r}, not BPE")
-        if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        if any(model.get(k) for k in ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix")):
             raise refuse("a BPE with byte fallback or sub-word affixes (SentencePiece style)")
         pat_str = _hf_split(tj.get("pre_tokenizer"), refuse)
         normalizer = _hf_normalizer(tj.get("normalizer"), refuse)
@@ -243,8 +245,8 @@ class Tokenizer:
             a, b = m.split(" ", 1) if isinstance(m, str) else m
             made = vocab.get(a + b)
             if made is None or a not in vocab or b not in vocab or made < last:
-                raise refuse(f"merge {k} ({a!r} {b!r}) does not follow the vocabulary's numbering, so tiktoken "
-                             "would split text differently")
+                raise refuse(f"merge {k} ({a!r} {b!r}) does not follow the vocabulary's numbering, so "
+                             "tiktoken would split text differently")
             last = made
         if not added:
             raise refuse("no added tokens (nano needs an end-of-text token)")
@@ -270,7 +272,9 @@ class Tokenizer:
 def _hf_split(pre, refuse):
     """The split regex of a byte-level pre-tokenizer: a Split (Isolated) then ByteLevel without its own
     regex (Llama-3, Qwen), or ByteLevel with its regex (GPT-2's)."""
-    steps = (pre.get("pretokenizers") or []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    steps = [pre] if pre else []
+    if pre and pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers") or []
     kinds = [s.get("type") for s in steps]
     if kinds not in (["ByteLevel"], ["Split", "ByteLevel"]):
         raise refuse(f"pre-tokenizers {kinds} (nano knows ByteLevel, or Split then ByteLevel)")
@@ -399,7 +403,8 @@ def load_tokenizer(spec):
     if not spec:
         raise ValueError("empty tokenizer spec: give a tokenizer file or a tiktoken encoding name "
                          "(leave --tokenizer empty to train nano's BPE on the corpus)")
-    if os.path.isfile(os.path.join(spec, "tokenizer.json")) or (spec.endswith(".json") and os.path.isfile(spec)):
+    if os.path.isfile(os.path.join(spec, "tokenizer.json")) or (spec.endswith(".json")
+                                                                and os.path.isfile(spec)):
         return Tokenizer.from_hf(spec)
     if os.path.exists(spec):
         return Tokenizer.load(spec)
