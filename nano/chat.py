@@ -10,8 +10,9 @@ the template of the tokenizer's family, chosen by its special tokens (template()
   by itself. No 3.1 system preamble ("Cutting Knowledge Date: ..."): that belongs to 3.1's own template.
 - chatml (Qwen3): "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message, the text between the special
   tokens encoded in one piece as Hugging Face does. No default system prompt (Qwen3 adds none) and no
-  <think> handling: Qwen3's own template puts "<think>\\n\\n</think>\\n\\n" before the content of the
-  assistant turns after the last user turn; train with it by writing it into the content.
+  <think> handling: Qwen3's own template writes "<think>\\n\\n</think>\\n\\n" before the content of the
+  final assistant turn and drops think blocks from earlier ones; write them into the content to train with
+  them (nano's encode reads "<think>" in the text as text, where Hugging Face matches its added token).
 - nano (nano's BPE, or any other tokenizer): <|bos|>, then per message <|role|> content <|end|>, with
   NANO_CHAT_TOKENS appended to the tokenizer by with_chat_tokens() (a base model never saw them: the model
   grows its vocabulary, and LoRA keeps the rows of chat_token_ids() trainable).
