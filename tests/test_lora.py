@@ -323,6 +323,8 @@ def test_fingerprint(tmp_path):
     with torch.no_grad():
         changed.layers[1].feed_forward.experts.base.w2[3, 0, 0] += 1e-3
     assert fingerprint(changed.state_dict()) != fp
+    flat = {k: v.reshape(-1) for k, v in base.state_dict().items()}  # the same bytes in other shapes
+    assert fingerprint(flat) != fingerprint(base.state_dict())
     # another process, from the saved tensors: the same hex digest
     torch.save(base_state_dict(model), tmp_path / "base.pt")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -331,7 +333,21 @@ def test_fingerprint(tmp_path):
     assert out.stdout.strip() == fp
 
 
-def test_trainable_rows_tied_share_one_parameter():
-    _, model = _lora("gqa_tied")
-    assert isinstance(model.output, TrainableRows) and model.output.rows is model.tok_embeddings.rows
-    assert "output.rows" not in lora_state_dict(model)
+@pytest.mark.parametrize("name", ["gqa_tied", "gqa_untied"])
+def test_trainable_rows_weight_property(name):
+    """.weight is the effective (V, D) matrix, differentiable in the rows: the fused CUDA loss reads
+    output.weight instead of calling output. Tied: one rows parameter for both."""
+    _, model = _lora(name)
+    _train(model, _opt(model), _batches(1))
+    emb, head = model.tok_embeddings, model.output
+    tied = name == "gqa_tied"
+    assert (head.rows is emb.rows) == tied and ("output.rows" in lora_state_dict(model)) == (not tied)
+    h, idx = torch.randn(2, 5, 32), torch.tensor([[1, 61, 62, 5, 63]])
+    g = torch.randn(2, 5, 64)
+    grads = []
+    for logits in (head(h), h @ head.weight.T):
+        head.rows.grad = None
+        (logits * g).sum().backward()
+        grads.append(head.rows.grad.clone())
+    assert (grads[0] - grads[1]).abs().max() < 1e-5 and grads[0].abs().sum() > 0
+    assert torch.equal(emb(idx), torch.nn.functional.embedding(idx, emb.weight))
