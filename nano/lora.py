@@ -282,7 +282,8 @@ def load_lora_state_dict(model, sd):
         if t.shape != sd[name].shape:
             raise ValueError(f"LoRA state dict: {name} has shape {tuple(sd[name].shape)}, this model's is "
                              f"{tuple(t.shape)} (another lora_rank or base model?)")
-    if "tok_embeddings.ids" in own and not torch.equal(own["tok_embeddings.ids"].cpu(), sd["tok_embeddings.ids"].cpu()):
+    ids = own.get("tok_embeddings.ids")
+    if ids is not None and not torch.equal(ids.cpu(), sd["tok_embeddings.ids"].cpu()):
         raise ValueError("LoRA state dict: its trainable token ids differ from this model's: pass "
                          "token_ids=trainable ids of the checkpoint to apply_lora")
     with torch.no_grad():
@@ -320,15 +321,16 @@ def merge_lora(model):
     return model
 
 
-def _plain_name(name):
-    return name.replace(".base.", ".")
+def _base_entries(state_dict):
+    """A (LoRA) model's state dict without adapters, rows and ids, under plain names (".base." dropped)."""
+    return {n.replace(".base.", "."): t for n, t in state_dict.items()
+            if not _is_adapter(n) and not n.endswith(".ids")}
 
 
 def base_state_dict(model):
     """The base weights (and persistent buffers) under a plain Transformer's names: what the model was
     before apply_lora. Tensors are shared with the model, not copied."""
-    return {_plain_name(n): t for n, t in model.state_dict().items()
-            if not _is_adapter(n) and not n.endswith(".ids")}
+    return _base_entries(model.state_dict())
 
 
 def fingerprint(state_dict):
@@ -341,7 +343,7 @@ def fingerprint(state_dict):
     changes the embedding (fingerprint before it, or after it on both sides); FSDP shards (DTensor) must
     be gathered first (full_tensor)."""
     h = hashlib.sha256()
-    plain = {_plain_name(n): t for n, t in state_dict.items() if not _is_adapter(n) and not n.endswith(".ids")}
+    plain = _base_entries(state_dict)
     for name in sorted(plain):
         t = plain[name].detach().cpu().contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from nano.config import ModelConfig, TrainConfig
-from nano.lora import (LoRAExperts, LoRALinear, TrainableRows, apply_lora, base_state_dict, fingerprint, is_lora,
-                       load_lora_state_dict, lora_disabled, lora_state_dict, merge_lora, trainable_rows)
+from nano.lora import (LoRAExperts, LoRALinear, TrainableRows, apply_lora, base_state_dict, fingerprint,
+                       is_lora, load_lora_state_dict, lora_disabled, lora_state_dict, merge_lora,
+                       trainable_rows)
 from nano.model import Transformer
 from nano.optim import build_optimizers, param_groups
 
@@ -21,16 +22,18 @@ NEW = [61, 62, 63]  # tokens added by grow_vocab(64): the chat special tokens of
 CONFIGS = {
     "gqa_tied": dict(n_head=4, n_kv_head=2, tie_embeddings=True),
     "gqa_untied": dict(n_head=4, n_kv_head=2, tie_embeddings=False, qk_norm=True),
-    "mla_moe": dict(n_head=4, attn="mla", q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=6,
-                    v_head_dim=10, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-                    moe_intermediate_size=16, first_k_dense_replace=1, mtp_depth=1, tie_embeddings=False),
+    "mla_moe": dict(n_head=4, attn="mla", q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
+                    qk_rope_head_dim=6, v_head_dim=10, n_routed_experts=4, n_shared_experts=1,
+                    num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, mtp_depth=1,
+                    tie_embeddings=False),
 }
 
 
 def _base(name):
     """A tiny random model with 3 new tokens appended (the integrator's order: grow_vocab, then LoRA)."""
     torch.manual_seed(0)
-    cfg = dict(vocab_size=61, n_layer=2, n_embd=32, intermediate_size=48, max_seq_len=64, attn_impl="reference")
+    cfg = dict(vocab_size=61, n_layer=2, n_embd=32, intermediate_size=48, max_seq_len=64,
+               attn_impl="reference")
     model = Transformer(ModelConfig(**cfg, **CONFIGS[name]))
     model.grow_vocab(64)
     return model
@@ -214,7 +217,7 @@ def test_targets_chosen_and_bad_ones_refused():
     _, model = _lora("gqa_untied", targets="wq, w2", token_ids=())
     kinds = {n: type(m) for n, m in model.named_modules()}
     assert kinds["layers.0.attention.wq"] is LoRALinear and kinds["layers.1.feed_forward.w2"] is LoRALinear
-    assert kinds["layers.0.attention.wk"] is torch.nn.Linear and kinds["layers.0.feed_forward.w1"] is torch.nn.Linear
+    assert kinds["layers.0.attention.wk"] is kinds["layers.0.feed_forward.w1"] is torch.nn.Linear
     assert kinds["tok_embeddings"] is torch.nn.Embedding and lora_state_dict(model).keys() == {
         f"layers.{i}.{m}.{ab}" for i in range(2) for m in ("attention.wq", "feed_forward.w2")
         for ab in ("lora_A", "lora_B")}
@@ -223,7 +226,7 @@ def test_targets_chosen_and_bad_ones_refused():
     assert isinstance(experts, LoRAExperts) and experts.names == ("w1",)
     assert isinstance(moe.layers[1].feed_forward.shared_experts.w1, torch.nn.Linear)
     assert isinstance(moe.mtp[0].block.attention.wkv_b, LoRALinear)
-    for bad in ("wq,foo", "wq_a", "gate", "output"):  # a GQA model has no wq_a; router and head are not targets
+    for bad in ("wq,foo", "wq_a", "gate", "output"):  # a GQA model has no wq_a; router, head: not targets
         with pytest.raises(ValueError, match=f"lora_targets: '{bad.split(',')[-1]}' matches no weight"):
             apply_lora(_base("gqa_tied"), RANK, ALPHA, bad)
     with pytest.raises(ValueError, match="already has LoRA"):
@@ -253,8 +256,10 @@ def test_grad_ckpt_gradients_identical(mode):
 def test_compile_fullgraph_matches_eager():
     # one MLA + MoE block with tied rows: every LoRA module in one graph, and small enough to compile fast
     torch.manual_seed(0)
-    cfg = {**CONFIGS["mla_moe"], "n_layer": 1, "first_k_dense_replace": 0, "mtp_depth": 0, "tie_embeddings": True}
-    model = Transformer(ModelConfig(vocab_size=61, n_embd=32, intermediate_size=48, attn_impl="reference", **cfg))
+    cfg = {**CONFIGS["mla_moe"], "n_layer": 1, "first_k_dense_replace": 0, "mtp_depth": 0,
+           "tie_embeddings": True}
+    model = Transformer(ModelConfig(vocab_size=61, n_embd=32, intermediate_size=48, attn_impl="reference",
+                                    **cfg))
     model.grow_vocab(64)
     apply_lora(model, RANK, ALPHA, token_ids=NEW)
     _train(model, _opt(model), _batches(1))
@@ -328,7 +333,8 @@ def test_fingerprint(tmp_path):
     # another process, from the saved tensors: the same hex digest
     torch.save(base_state_dict(model), tmp_path / "base.pt")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = f"import torch; from nano.lora import fingerprint; print(fingerprint(torch.load({str(tmp_path / 'base.pt')!r})))"
+    path = str(tmp_path / "base.pt")
+    code = f"import torch; from nano.lora import fingerprint; print(fingerprint(torch.load({path!r})))"
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == fp
 
@@ -340,6 +346,7 @@ def test_trainable_rows_weight_property(name):
     _, model = _lora(name)
     _train(model, _opt(model), _batches(1))
     emb, head = model.tok_embeddings, model.output
+    assert isinstance(emb, TrainableRows) and isinstance(head, TrainableRows)
     tied = name == "gqa_tied"
     assert (head.rows is emb.rows) == tied and ("output.rows" in lora_state_dict(model)) == (not tied)
     h, idx = torch.randn(2, 5, 32), torch.tensor([[1, 61, 62, 5, 63]])
