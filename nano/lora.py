@@ -84,7 +84,9 @@ class LoRAExperts(nn.Module):
     A (E, r, in) and B (E, out, r). The forward folds them in on the fly, W + (alpha / r) * B @ A per
     expert, and runs the base's own dispatch with those weights: exact and simple, at the cost of one
     (E, out, in) weight stack per adapted stack per forward (fine for tiny and medium expert counts; a
-    many-expert model would rather add the low-rank path inside the dispatch)."""
+    many-expert model would rather add the low-rank path inside the dispatch). The sum is in the base's
+    dtype: with a bf16 base (no fp32 master weights) a small update is rounded as the bf16 matmul would
+    round it anyway, and the gradient still reaches A and B in full."""
 
     def __init__(self, base: Experts, rank, alpha, names=EXPERT_WEIGHTS):
         super().__init__()
