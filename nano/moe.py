@@ -170,12 +170,17 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
     def forward(self, x, weights, idx):
+        return self.run(x, weights, idx, self.w1, self.w2, self.w3)
+
+    def run(self, x, weights, idx, w1, w2, w3):
+        """The routed experts' output with explicit weight stacks (this module's own in forward; LoRA
+        passes its adapted W + s * B @ A, nano/lora.py)."""
         impl = self.impl
         if impl == "auto" and x.is_cuda:
-            impl = "grouped" if grouped_mm_fast(x, self.w1) else "bmm"
+            impl = "grouped" if grouped_mm_fast(x, w1) else "bmm"
         elif impl == "auto":
             impl = "dense" if torch.compiler.is_compiling() else "loop"
-        return DISPATCH[impl](x, weights.to(x.dtype), idx, self.w1, self.w2, self.w3, swiglu)
+        return DISPATCH[impl](x, weights.to(x.dtype), idx, w1, w2, w3, swiglu)
 
 
 class MoE(nn.Module):

@@ -14,6 +14,8 @@ import math
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from nano.lora import is_lora
+
 # Quintic Newton-Schulz coefficients of Keller Jordan's Muon: p(x) = a x + b x^3 + c x^5 is steep at 0
 # (slope a = 3.4445) so that small singular values grow fast, at the price of not converging to 1: after
 # 5 steps, every singular value x >= 3e-3 of G / ||G||_F lands in [0.68, 1.21] (tests/test_optim.py
@@ -113,9 +115,19 @@ def param_groups(model, muon=False):
       every matrix without Muon);
     - "no_decay" (AdamW without): norms, biases, scalars, and the embedding (tied: the head too). An
       embedding row is trained only by its own token: decaying rows shrinks the rare tokens (nanoGPT).
+
+    Frozen parameters (requires_grad False) are left out. A LoRA model (nano/lora.py) trains only its
+    adapters and new-token rows, all "no_decay": decay would pull A and B toward zero, i.e. the whole
+    fine-tune back toward the base (alpha / r already sets the update's size), and the rows are embedding
+    rows. Muon is refused there: its orthogonalised step is meant for full hidden matrices,
+    not for rank-r factors.
     """
-    embedding, head = model.tok_embeddings.weight, model.output.weight
     params = [p for p in model.parameters() if p.requires_grad]
+    if is_lora(model):
+        if muon:
+            raise ValueError("--optimizer muon does not apply to LoRA adapters: use adamw")
+        return {"decay": [], "no_decay": params}
+    embedding, head = model.tok_embeddings.weight, model.output.weight
     matrices = [p for p in params if p.dim() >= 2 and p is not embedding]  # the head too, when untied
     groups = {"no_decay": [p for p in params if p.dim() < 2 or p is embedding]}
     if muon:
