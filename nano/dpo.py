@@ -49,7 +49,8 @@ def _normalise(rec):
                             for s in (chosen, rejected))
     else:  # implicit prompt: the leading messages both conversations share
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
-            raise ValueError('no "prompt": chosen and rejected must then be message lists (whole conversations)')
+            raise ValueError('no "prompt": chosen and rejected must then be message lists (whole '
+                             'conversations)')
         n = 0
         while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
             n += 1
@@ -185,9 +186,7 @@ def _pack(lens, pair_at, start, B, T):
                 break
             spots.append((row, T - int(free[row])))
             free[row] -= n
-        if len(spots) < 2:
-            for row, _ in spots:  # undo a lone chosen
-                free[row] += lens[j][0]
+        if len(spots) < 2:  # the batch is full (a lone chosen's place is never used)
             break
         placed.append((j, *spots))
         i += 1
@@ -213,9 +212,9 @@ def _materialise(pairs, placed, B, T, pad_id):
     # boundaries: each sequence's start, each row's start, where each row's padding starts (its own
     # segment; rows + used is the next row's start, or B*T, when the row is full), and the end
     cu = np.unique(np.concatenate([starts, rows, rows + used, [B * T]]).astype(np.int64))
+    pair_ids = torch.tensor([j for j, *_ in placed], dtype=torch.int64)
     batch = DPOBatch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(cu.astype(np.int32)),
-                     torch.from_numpy(seq.reshape(-1)), torch.tensor([j for j, *_ in placed], dtype=torch.int64),
-                     len(placed))
+                     torch.from_numpy(seq.reshape(-1)), pair_ids, len(placed))
     return batch, int(used.sum())
 
 
@@ -274,7 +273,8 @@ class PairLoader:
     def load_state_dict(self, sd):
         missing = {"pos", "seed"} - set(sd)
         if missing:
-            raise ValueError(f"loader state lacks {sorted(missing)}; it was not made by PairLoader.state_dict()")
+            raise ValueError(f"loader state lacks {sorted(missing)}; it was not made by "
+                             "PairLoader.state_dict()")
         self.pos, self.seed = int(sd["pos"]), int(sd["seed"])
         self.n_real, self.n_seen = int(sd.get("n_real", 0)), int(sd.get("n_seen", 0))
         self._perms = {}

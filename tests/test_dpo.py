@@ -29,7 +29,7 @@ def tok():
 def _model(tok, seed=0):
     torch.manual_seed(seed)
     return Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
-                                   max_seq_len=128, attn_impl="reference"))  # not the Triton interpreter: fast
+                                   max_seq_len=128, attn_impl="reference"))  # not the Triton interpreter
 
 
 def _sentence(rng, lo, hi):
@@ -75,6 +75,8 @@ def test_dpo_loss_and_gradient_equal_float64_derivation(beta):
     g = torch.Generator().manual_seed(1)
     policy = (torch.randn(7, 2, generator=g, dtype=torch.float64) * 30).requires_grad_()
     reference = (torch.randn(7, 2, generator=g, dtype=torch.float64) * 30).requires_grad_()
+    with torch.no_grad():
+        policy[0] = reference[0]  # margin exactly 0: not counted correct
     loss, stats = dpo_loss(policy, reference, beta)
     loss.sum().backward()
     n_correct, margin_sum = 0, 0.0
@@ -175,8 +177,8 @@ def test_reference_table_and_callable_agree(tok):
     with _shifted_head(model, seen):
         ref_naive = _naive_logps(model, pairs)
     z = 0.3 * ((policy[:, 0] - ref_naive[:, 0]) - (policy[:, 1] - ref_naive[:, 1]))
-    want = {"val_loss": torch.log1p(torch.exp(-z)).mean().item(), "val_dpo_accuracy": (z > 0).double().mean().item(),
-            "val_dpo_margin": z.mean().item()}
+    want = {"val_loss": torch.log1p(torch.exp(-z)).mean().item(),
+            "val_dpo_accuracy": (z > 0).double().mean().item(), "val_dpo_margin": z.mean().item()}
     for ref in (table, ctx):
         got = evaluate(model, pairs, 2, 64, 0.3, ref)
         assert got == pytest.approx(want, abs=1e-4)
@@ -240,7 +242,8 @@ def test_loader_covers_every_pair_once_per_epoch_unsplit(tok, world_size):
     for e in range(2):  # the global stream is each epoch's permutation in turn
         assert sorted(stream[e * 23:(e + 1) * 23]) == list(range(23))
     assert stream[:23] != stream[23:46]  # epochs are reshuffled
-    assert sum(ld.efficiency for ld in loaders) / world_size == pytest.approx(real / (n_batches * world_size * B * T))
+    efficiency = sum(ld.efficiency for ld in loaders) / world_size
+    assert efficiency == pytest.approx(real / (n_batches * world_size * B * T))
 
 
 def test_loader_resumes_exactly(tok):
@@ -310,9 +313,11 @@ def test_string_list_and_implicit_forms_render_the_same(tmp_path, tok):
         {"chosen": [U("the cat"), A("sat")], "rejected": [U("the cat"), A("ran to the park")]},
     ])
     pairs, bad = read_pairs(path)
-    assert bad == [] and pairs[0] == pairs[1] == pairs[2] == ([U("the cat")], [A("sat")], [A("ran to the park")])
+    assert bad == []
+    assert pairs[0] == pairs[1] == pairs[2] == ([U("the cat")], [A("sat")], [A("ran to the park")])
     (ids_c, mask_c), (ids_r, mask_r) = render_pair(tok, *pairs[0])
-    assert (ids_c, mask_c) == tuple(render(tok, [U("the cat"), A("sat")]))  # nothing to clear: no assistant in prompt
+    # nothing to clear: the prompt holds no assistant turn
+    assert (ids_c, mask_c) == tuple(render(tok, [U("the cat"), A("sat")]))
     assert (ids_r, mask_r) == tuple(render(tok, [U("the cat"), A("ran to the park")]))
 
 
@@ -331,7 +336,8 @@ def test_prepare_dpo_drops_long_pairs_and_splits(tmp_path, tok):
     path = _write(tmp_path / "p.jsonl", lines)
     data = prepare_dpo(path, tok, 32, val_fraction=0.1)
     r = data.report
-    assert (r["n_pairs"], r["n_train"], r["n_val"], r["n_longer_than_seq_len"], r["n_bad_lines"]) == (31, 27, 3, 1, 1)
+    counts = (r["n_pairs"], r["n_train"], r["n_val"], r["n_longer_than_seq_len"], r["n_bad_lines"])
+    assert counts == (31, 27, 3, 1, 1)
     assert r["bad_lines"][0][0] == 32
     assert r["n_tokens"] == sum(len(ids) for p in data.train + data.val for ids, _ in p)
     assert all(len(ids) <= 33 for p in data.train + data.val for ids, _ in p)
