@@ -187,8 +187,18 @@ def test_reference_table_and_callable_agree(tok):
 
 def test_reference_logps_ranks_fill_disjoint_entries(tok):
     model = _model(tok)
-    pairs = _pairs(tok, 7, seed=2)
-    parts = [reference_logps(model, pairs, 2, 64, rank=r, world_size=3) for r in range(3)]
+    pairs = [render_pair(tok, [U("the cat")], [A("sat on a mat")], [A("ran")])] * 7
+    (c, _), (r, _) = pairs[0]
+    T = len(c) + len(r) - 2  # a pair fills a row exactly: one pair a batch
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    parts, n_forwards = [], []
+    for r in range(3):
+        calls.clear()
+        parts.append(reference_logps(model, pairs, 1, T, rank=r, world_size=3))
+        n_forwards.append(len(calls))
+    # one pair a batch: shares of 3, 2, 2 pairs, but 3 forwards on every rank (DDP/FSDP collectives)
+    assert n_forwards == [3, 3, 3]
     filled = torch.stack([(p != 0).all(1) for p in parts])  # (ranks, pairs)
     assert filled.sum(0).tolist() == [1] * 7  # each entry by exactly one rank
     torch.testing.assert_close(sum(parts), _naive_logps(model.eval(), pairs), atol=2e-4, rtol=1e-5)
@@ -215,6 +225,10 @@ def _check_batch(batch, pairs, B, T, pad_id):
             assert seq[a:b].tolist() == [2 * k + s if m else -1 for m in mask[1:]]
             real[a:b] = True
     assert (x[~real] == pad_id).all() and (y[~real] == -100).all() and (seq[~real] == -1).all()
+    for row in range(B):  # padding fills each row's tail, as a segment of its own
+        pad = torch.nonzero(~real[row * T:(row + 1) * T]).view(-1)
+        if len(pad):
+            assert pad.tolist() == list(range(int(pad[0]), T)) and row * T + int(pad[0]) in cu
     return int(real.sum())
 
 
