@@ -26,8 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nano.chat import check_messages, render
-
-IGNORE = -100  # target of a position that is not a response token (F.cross_entropy's ignore_index)
+from nano.data import IGNORE  # the target of a position that is not a response token
 
 
 # -----------------------------------------------------------------------------
@@ -162,7 +161,8 @@ def _positions(pairs):
 def _check_fits(lens, B, T):
     """Every pair must fit an empty batch, or packing could never place it."""
     if len(lens) == 0:
-        raise ValueError("no preference pairs to load")
+        raise ValueError("no preference pairs to load: give a non-empty list (prepare_dpo's val split is "
+                         "empty when the file holds a single pair)")
     if lens.max() > T:
         raise ValueError(f"a sequence fills {lens.max()} positions, more than seq_len = {T}: drop it "
                          "(prepare_dpo does) or raise seq_len")
@@ -395,8 +395,6 @@ def evaluate(model, pairs, batch_size, seq_len, beta, reference, *, rank=0, worl
     finally:
         model.train(was_training)
     loss_sum, n, correct, margin = _all_reduce(total).tolist()  # the one host read
-    if n == 0:
-        raise ValueError("evaluate got no preference pairs: give it a non-empty validation set")
     return {"val_loss": loss_sum / n, "val_dpo_accuracy": correct / n, "val_dpo_margin": margin / n}
 
 

@@ -287,6 +287,12 @@ def test_loader_rejects_pairs_that_cannot_fit(tok):
     with pytest.raises(ValueError, match="batch_size >= 2"):
         PairLoader(pairs, 1, both - 1)
     PairLoader(pairs, 2, both - 1)  # a row each: fine
+    with pytest.raises(ValueError, match="no preference pairs"):
+        PairLoader([], 2, 64)
+    with pytest.raises(ValueError, match="batch_size"):
+        PairLoader(pairs, 0, 64)
+    with pytest.raises(ValueError, match="rank"):
+        PairLoader(pairs, 2, 64, rank=2, world_size=2)
 
 
 # -----------------------------------------------------------------------------
