@@ -110,8 +110,12 @@ _server, _server_lock = None, threading.Lock()
 
 def run_script(script, args, env, cwd=ROOT, timeout=300, module=None):
     """subprocess.run([python, script, *args], capture_output=True, text=True, env=env, cwd=cwd), or
-    `python -m module` when module is given, from the pre-imported server: a CompletedProcess."""
+    `python -m module` when module is given, from the pre-imported server: a CompletedProcess. Without
+    os.fork (Windows), or with NANO_TEST_SUBPROCESS=1 in the environment, it is that subprocess.run."""
     global _server
+    if not hasattr(os, "fork") or os.environ.get("NANO_TEST_SUBPROCESS") == "1":
+        cmd = [sys.executable, *(["-m", module] if module else [script]), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
     with _server_lock, tempfile.TemporaryDirectory() as tmp:
         if _server is None or _server.poll() is not None:
             base = {k: v for k, v in env.items() if k != "TRITON_INTERPRET"}
