@@ -13,6 +13,7 @@ import pytest
 
 from nano.data import plan_epochs, prepare_data, read_documents, split_documents
 from nano.tokenizer import train_bpe
+from common import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pa = pytest.importorskip("pyarrow")
@@ -154,11 +155,10 @@ def test_parquet_folder_and_jsonl_gz_train_end_to_end(tmp_path):
     env = {**os.environ, "NANO_CACHE": str(tmp_path / "cache")}
     for data in (pq_dir, gz):
         out = str(tmp_path / ("out-" + os.path.basename(data)))
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--device", "cpu",
-                            "--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-                            "--n-kv-head", "1", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "2",
-                            "--max-steps", "3", "--eval-every", "2", "--eval-steps", "1", "--out-dir", out],
-                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        r = run_script(os.path.join(ROOT, "train.py"), [  # python train.py ... (pre-imported: tests/common.py)
+            "--data", data, "--device", "cpu", "--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head",
+            "2", "--n-kv-head", "1", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "2", "--max-steps",
+            "3", "--eval-every", "2", "--eval-steps", "1", "--out-dir", out], env)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "396 train / 4 val documents" in r.stdout
         assert "data: 3 steps of 64 tokens make 0.00" in r.stdout and "warning" not in r.stdout

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from common import short_documents
+from common import run_script, short_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
@@ -20,8 +20,11 @@ ARGS = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
 
 def train(args, env, nproc=1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + [os.path.join(ROOT, "train.py"), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    if nproc > 1:
+        r = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                           env=env, cwd=ROOT, timeout=300)
+    else:  # python train.py args, from a pre-imported interpreter (tests/common.py)
+        r = run_script(os.path.join(ROOT, "train.py"), args, env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 

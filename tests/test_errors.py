@@ -3,15 +3,12 @@ subprocesses): exit code and one line on stderr, no traceback. Config errors exi
 train.py's and sample.py's refusals: one line on stderr, exit code 2."""
 import json
 import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from nano.checkpoint import load_checkpoint, save_checkpoint
-from common import short_documents
+from common import run_script, short_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
@@ -19,8 +16,7 @@ TINY = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
 
 
 def script(name, args, env, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=timeout)
+    return run_script(os.path.join(ROOT, name), args, env, timeout=timeout)  # python name args (pre-imported)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +98,7 @@ def test_refusals_are_one_line(run, tmp_path):
     if not torch.cuda.is_available():
         cases += [("train.py", ["--device", "cuda", "--data", data], 2, "no CUDA GPU is available"),
                   ("sample.py", ["--ckpt", out, "--device", "cuda"], 2, "no CUDA GPU is available")]
-    with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda c: script(c[0], c[1], env), cases))
+    results = [script(name, argv, env) for name, argv, _, _ in cases]
     for (name, argv, code, message), r in zip(cases, results):
         lines = r.stderr.strip().splitlines()
         assert (r.returncode, len(lines)) == (code, 1) and message in lines[0], (name, argv, r.stderr)

@@ -5,8 +5,6 @@ import json
 import itertools
 import os
 import random
-import subprocess
-import sys
 import sysconfig
 from dataclasses import asdict
 
@@ -21,6 +19,7 @@ from nano.config import ModelConfig  # noqa: E402
 from nano.convert import SUPPORTED, hf_family, load_hf, rope_rows, save_hf  # noqa: E402
 from nano.model import Transformer  # noqa: E402
 from nano.tokenizer import GPT4_SPLIT, NANO_SPECIALS, Tokenizer  # noqa: E402
+from common import run_script  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--vocab-size", "600", "--seq-len", "64",
@@ -89,8 +88,9 @@ def runs(corpus, env, tmp_path_factory):
 
 
 def run(script, args, env):
-    cmd = [sys.executable, *(["-m", script] if script == "nano.convert" else [os.path.join(ROOT, script)])]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    if script == "nano.convert":  # python -m nano.convert args (from a pre-imported interpreter: tests/common.py)
+        return run_script(None, args, env, module=script)
+    return run_script(os.path.join(ROOT, script), args, env)
 
 
 def load_run(path):

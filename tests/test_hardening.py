@@ -24,6 +24,7 @@ from nano import checkpoint as ckpt_module
 from nano.checkpoint import (CheckpointError, CheckpointUnsafe, CheckpointWriteError, load_checkpoint,
                              resume_checkpoint, save_checkpoint)
 from sample import load_nano
+from common import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
@@ -102,6 +103,8 @@ def env(tmp_path_factory):
 
 
 def train(args, env, **kw):
+    if not kw:  # python train.py args, from a pre-imported interpreter (tests/common.py)
+        return run_script(os.path.join(ROOT, "train.py"), args, env)
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=300, **kw)
 
@@ -216,8 +219,7 @@ def test_sample_py_damaged_checkpoint_one_line_exit_2(baseline, env, tmp_path):
     cases = {"random.pt": random.Random(2).randbytes(7), "flip.pt": flipped}  # (cut: tests/test_train.py)
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / name)],
-                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        r = run_script(os.path.join(ROOT, "sample.py"), ["--ckpt", str(tmp_path / name)], env, timeout=120)
         assert r.returncode == 2, (name, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and str(tmp_path / name) in lines[0], (name, r.stderr)
@@ -313,8 +315,7 @@ def test_sigkill_at_seeded_moments_then_resume_equals_uninterrupted(corpus, base
     def run(kill_at, resume=True):
         args = [*TINY, "--data", corpus, "--out-dir", out] + (["--resume"] if resume else [])
         script = str(killer) if kill_at else os.path.join(ROOT, "train.py")
-        return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300,
-                              cwd=ROOT, env=dict(env, KILL_AT=kill_at) if kill_at else env)
+        return run_script(script, args, dict(env, KILL_AT=kill_at) if kill_at else env)
 
     r = run("prepare:1", resume=False)  # data preparation, before any checkpoint
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]

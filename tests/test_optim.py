@@ -12,7 +12,7 @@ import torch
 from nano.config import ModelConfig, TrainConfig
 from nano.model import Transformer
 from nano.optim import NS_COEFFS, Muon, build_optimizers, lr_at, newton_schulz, param_groups
-from common import script_env, stdlib_corpus
+from common import run_script, script_env, stdlib_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -151,8 +151,11 @@ ARGS = ["--preset", "tiny", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
 
 def train(args, env, nproc=1, check=True):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + [os.path.join(ROOT, "train.py"), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    if nproc > 1:
+        r = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                           env=env, cwd=ROOT, timeout=300)
+    else:  # python train.py args, from a pre-imported interpreter (tests/common.py)
+        r = run_script(os.path.join(ROOT, "train.py"), args, env)
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r

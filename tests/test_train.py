@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+from common import run_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--preset", "tiny", "--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--n-kv-head", "2",
          "--vocab-size", "320", "--seq-len", "64", "--batch-size", "4", "--warmup-steps", "2",
@@ -38,8 +40,7 @@ def env(tmp_path_factory):
 
 
 def run(script, args, env, check=True, timeout=300):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                       env=env, timeout=timeout, cwd=ROOT)
+    r = run_script(os.path.join(ROOT, script), args, env, timeout=timeout)  # python script args (pre-imported)
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r

@@ -3,13 +3,12 @@ step's rows are split into micro-steps (1x8, 4x2, 8x1, the last from --tokens-pe
 overflow is skipped, counted, and halves the loss scale."""
 import json
 import os
-import subprocess
-import sys
+import tempfile
 
 import pytest
 import torch
 
-from common import short_documents
+from common import run_script, short_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 32
@@ -27,11 +26,15 @@ def setup(tmp_path_factory):
 
 
 def train(argv, env, prelude=""):
-    """python train.py ARGV, optionally after some Python (a patch) in the same process."""
+    """python train.py ARGV, optionally after some Python (a patch) in the same process; from a pre-imported
+    interpreter (tests/common.py): a script file that runs the prelude, then train.py as __main__."""
     code = (f"{prelude}\nimport runpy, sys\nsys.argv = ['train.py'] + {argv!r}\n"
-            "runpy.run_path('train.py', run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=300)
+            f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "run_train.py")
+        with open(path, "w") as f:
+            f.write(code)
+        r = run_script(path, [], env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
