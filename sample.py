@@ -5,19 +5,23 @@
     python sample.py --ckpt out --speculate mtp                       # speculative, with the MTP head
     python sample.py --ckpt out --draft out-draft --tree 3,2,1,1      # tree speculation (the default)
     python sample.py --hf path/to/Llama-3.2-1B --prompt "The capital of France is"
+    python sample.py --ckpt out-sft --chat --system "You are terse."      # talk to it (stdin; pipes work)
 """
 import argparse
+import codecs
+import itertools
 import os
 import sys
 import time
 
 import torch
 
+from nano.chat import end_of_turn_id, render
 from nano.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from nano.config import OneLineParser
-from nano.generate import generate, parse_tree, speculative_generate
+from nano.finetune import hf_tokenizer, load_model
+from nano.generate import generate, parse_tree, speculative_generate, stream
 from nano.runtime import autocast, pick_device
-from nano.tokenizer import Tokenizer, load_tokenizer
 
 
 def parse(argv):
@@ -28,6 +32,10 @@ def parse(argv):
     src.add_argument("--hf", help="Hugging Face model directory (config.json + *.safetensors)")
     p.add_argument("--tokenizer", default="", help="tokenizer file or cached tiktoken name (for --hf)")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <bos>)")
+    p.add_argument("--chat", action="store_true",
+                   help="a conversation in the model's chat template: each line of stdin is a user turn, the "
+                        "reply streams and ends at the end-of-turn token (or --max-new-tokens)")
+    p.add_argument("--system", default="", help="system message of a --chat conversation")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -49,30 +57,12 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def hf_tokenizer(path, spec):
-    """A tiktoken-format tokenizer for a Hugging Face directory: --tokenizer, else tokenizer.model in the
-    directory or its original/ folder (Meta's Llama-3 releases ship one)."""
-    if spec:
-        return load_tokenizer(spec)
-    for candidate in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-        if os.path.isfile(os.path.join(path, candidate)):
-            return load_tokenizer(os.path.join(path, candidate))
-    raise FileNotFoundError(f"no tokenizer.model in {path} (or {path}/original); pass --tokenizer FILE")
-
-
-def load_nano(path, device="cpu"):
-    """(model, tokenizer, state) of a nano run directory or checkpoint file. A damaged, truncated, foreign
-    or malicious file raises a CheckpointError (nothing in it is run)."""
-    state = load_checkpoint(path)
-    return model_from_checkpoint(state, device), Tokenizer.from_state(state["tokenizer"]), state
-
-
 def main(argv):
     args = parse(argv)
     device, dtype, reason = pick_device(args.device, args.dtype)
     print(f"device: {device}, dtype: {str(dtype).removeprefix('torch.')} ({reason})")
     if args.ckpt:
-        model, tok, state = load_nano(args.ckpt, device)
+        model, tok, state = load_model(args.ckpt, device)  # a LoRA run's adapters are merged onto its base
     else:
         from nano.convert import load_hf
         model = load_hf(args.hf, device=device)
@@ -91,6 +81,10 @@ def main(argv):
         if model.config.mtp_depth == 0:
             raise ValueError("--speculate mtp needs a model trained with MTP (--mtp-depth >= 1)")
         draft = "mtp"
+    if args.chat:
+        if draft is not None:
+            raise ValueError("--chat decodes plainly: drop --draft / --speculate")
+        return chat(model, tok, args, device, dtype)
 
     ids = [tok.bos_id] + tok.encode(args.prompt)
     idx = torch.tensor([ids] * args.num_samples, device=device)
@@ -117,6 +111,41 @@ def main(argv):
                  f"{stats['tokens_per_step']:.2f} tokens per target forward; tree {','.join(map(str, stats['tree']))} "
                  f"({stats['nodes']} nodes), accepted per depth {per_depth}")
     print(line)
+
+
+def chat(model, tok, args, device, dtype):
+    """Read user turns from stdin until it ends; answer each in the family's chat template (nano/chat.py),
+    streaming the reply, and keep the history. The oldest turns are dropped when the conversation and a
+    reply of --max-new-tokens no longer fit in the model's max_seq_len."""
+    eot = end_of_turn_id(tok)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    turns, interactive = [], sys.stdin.isatty()
+    for n in itertools.count():
+        if interactive:
+            print("you: ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input (a pipe, or Ctrl-D)
+            break
+        if not line.strip():
+            continue
+        turns.append({"role": "user", "content": line.rstrip("\n")})
+        ids, _ = render(tok, system + turns, add_generation_prompt=True)
+        while len(ids) + args.max_new_tokens > model.config.max_seq_len and len(turns) > 1:
+            turns = turns[2:]  # forget the oldest exchange (user + assistant)
+            ids, _ = render(tok, system + turns, add_generation_prompt=True)
+        print("assistant: ", end="", flush=True)
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+        reply = []
+        with autocast(device, dtype):
+            for t in stream(model, torch.tensor([ids], device=device), args.max_new_tokens, stop={eot},
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed + n, compile=False):
+                if t == eot:
+                    break
+                reply.append(t)
+                print(text.decode(tok.enc.decode_single_token_bytes(t)), end="", flush=True)
+        print(text.decode(b"", final=True))
+        turns.append({"role": "assistant", "content": tok.decode(reply)})
 
 
 def default_tree(args, model, draft):

@@ -27,14 +27,22 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from nano.chat import chat_token_ids, data_kind, prepare_chat, render, with_chat_tokens
 from nano.checkpoint import (CheckpointError, lock_run_dir, previous_path, resume_checkpoint,
                             save_checkpoint)
 from nano.config import ModelConfig, build_parser, parse_args, parse_train_args
 from nano.data import PackedLoader, plan_epochs, prepare_data
+from nano.finetune import load_base
 from nano.generate import generate
+from nano.dpo import PairLoader, dpo_metrics, pair_loss, prepare_dpo, reference_logps
+from nano.dpo import evaluate as evaluate_pairs
+from nano.lora import apply_lora, fingerprint, lora_disabled, lora_state_dict
 from nano.model import Block, Transformer
 from nano.optim import build_optimizers, lr_at, peak_lr
 from nano.runtime import autocast, flops_per_token, peak_flops, pick_device
+from nano.tokenizer import Tokenizer, load_tokenizer
+
+POST_TRAINING = ("lora_rank", "lora_alpha", "lora_targets", "dpo_beta")  # a resumed run keeps the saved ones
 
 
 def main(argv):
@@ -78,33 +86,62 @@ def main(argv):
         if trained_with != cfg.optimizer:
             raise ValueError(f"{path} was trained with --optimizer {trained_with}, not {cfg.optimizer}: "
                              "its optimizer state does not carry over; resume with the same --optimizer")
+        init_from = saved.get("init_from", "")
+        if cfg.init_from and os.path.abspath(cfg.init_from) != init_from:
+            raise ValueError(f"{path} was started from --init-from {init_from or '(random weights)'}, not "
+                             f"{cfg.init_from}: resume without --init-from, or start a new --out-dir")
+        cfg = replace(cfg, init_from=init_from, **{k: saved[k] for k in POST_TRAINING if k in saved})
         say(f"resuming from {path} at step {state['step']}")
     elif os.path.exists(ckpt_file) or os.path.exists(previous_path(ckpt_file)):
         raise ValueError(f"{cfg.out_dir} holds a checkpoint: pass --resume to continue it, or choose another "
                          "--out-dir")
 
     # -------------------------------------------------------------------------
-    # data: tokenizer + memory-mapped shards (cached), packed rows with document boundaries
+    # the starting model (--init-from: a nano run or a Hugging Face folder), and the tokenizer that comes
+    # with it: the data is tokenized with the model's own (nano/finetune.py)
+    kind = data_kind(cfg.data)  # "text" (pretraining), "chat" (SFT) or "dpo" (preference pairs)
+    base = base_tok = None
+    if cfg.init_from and (state is None or "lora" in state):  # a LoRA run resumes on its frozen base
+        base, base_tok = load_base(cfg.init_from)
+        say(f"init: {cfg.init_from}: {base.num_params() / 1e6:.2f}M parameters, tokenizer {base_tok.name}")
+        if state is None:
+            model_cfg = base.config  # the architecture is the base's
+        if cfg.tokenizer and not same_tokenizer(load_tokenizer(cfg.tokenizer), base_tok):
+            raise ValueError(f"--tokenizer {cfg.tokenizer} is not the tokenizer of --init-from {cfg.init_from}: "
+                             "the data must be tokenized with the model's own; drop --tokenizer")
+        if kind != "text":
+            base_tok, _ = with_chat_tokens(base_tok)  # nano's BPE gains the chat template's special tokens
+    if kind == "text" and base_tok is not None:
+        cfg = replace(cfg, tokenizer=os.path.join(cfg.out_dir, "tokenizer.tiktoken"))
+        if master and state is None:
+            base_tok.save(cfg.tokenizer)  # prepare_data reads it (and so does a resumed run)
+    cfg = replace(cfg, init_from=os.path.abspath(cfg.init_from) if cfg.init_from else "")
+
+    # -------------------------------------------------------------------------
+    # data: tokenizer + memory-mapped shards (cached), packed rows with document boundaries; chat and
+    # preference data are rendered in the model's chat template (nano/chat.py, nano/dpo.py)
     if world > 1 and not master:
         dist.barrier()  # rank 0 trains the tokenizer and writes the cache; the others then read it
-    data = prepare_data(cfg.data, cfg.tokenizer, model_cfg.vocab_size, progress=master,
-                        tokenizer_train_bytes=cfg.tokenizer_train_bytes, data_max_bytes=cfg.data_max_bytes)
+    if kind == "text":
+        data = prepare_data(cfg.data, cfg.tokenizer, model_cfg.vocab_size, progress=master,
+                            tokenizer_train_bytes=cfg.tokenizer_train_bytes, data_max_bytes=cfg.data_max_bytes)
+        tok = data.tokenizer
+    else:
+        tok = Tokenizer.from_state(state["tokenizer"]) if state is not None else base_tok
+        if tok is None and cfg.tokenizer:
+            tok, _ = with_chat_tokens(load_tokenizer(cfg.tokenizer))
+        if tok is None:
+            raise ValueError(f"--data {cfg.data} is {kind} data: fine-tune a pretrained model with --init-from "
+                             "PATH (or give --tokenizer to train one from scratch)")
+        data = (prepare_chat if kind == "chat" else prepare_dpo)(cfg.data, tok, cfg.seq_len)
     if world > 1 and master:
         dist.barrier()
-    tok = data.tokenizer
-    r = data.report
-    skipped = {k.removeprefix("skipped_"): v for k, v in r.items() if k.startswith("skipped_") and v
-               and isinstance(v, int)}
-    if r.get("bad_lines"):
-        skipped["bad jsonl lines"] = r["bad_lines"]
-    say(f"data: {r['source']}: {r['n_train_docs']:,} train / {r['n_val_docs']:,} val documents, "
-        f"{r['n_train_tokens']:,} train tokens, vocab {tok.vocab_size}"
-        + (f"; skipped: {', '.join(f'{v} {k}' for k, v in skipped.items())}" if skipped else "")
-        + f" ({'prepared' if r.get('cached') is False else 'cached'} in {data.path})")
+    say(describe_data(data, kind, tok))
     if state is not None and tok.state() != state["tokenizer"]:
         raise ValueError("the tokenizer prepared for this data differs from the checkpoint's; resume with "
                          "the same --data and --tokenizer as the original run")
-    model_cfg = replace(model_cfg, vocab_size=tok.vocab_size)
+    if state is None:  # (a Hugging Face model's vocabulary may be padded beyond its tokenizer's)
+        model_cfg = replace(model_cfg, vocab_size=max(tok.vocab_size, base.config.vocab_size if base else 0))
     rows = cfg.batch_size // world  # this process's rows of each global micro-batch
     if cfg.tokens_per_step:
         micro = cfg.batch_size * cfg.seq_len
@@ -116,15 +153,52 @@ def main(argv):
     # on a GPU the default run (124m, 1,000 steps of 262k tokens) would make ~33 epochs of the stdlib
     given = vars(build_parser().parse_args(argv))  # the flags on the command line, nothing else
     cut = device.type == "cuda" and not cfg.data and "max_steps" not in given
-    cfg, notes = plan_epochs(cfg, r["n_train_tokens"], tokens_per_step, cut=cut)
+    n_train_tokens = (sum(len(c[0]) + len(r[0]) for c, r in data.train) if kind == "dpo"
+                      else len(data.train))
+    cfg, notes = plan_epochs(cfg, n_train_tokens, tokens_per_step, cut=cut)
     for note in notes:
         say(note)
-    loader = PackedLoader(data.train, rows, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
-    PackedLoader(data.val, rows, cfg.seq_len)  # fail now, not at the first eval, if val is too small
+    if kind == "dpo":  # preference pairs: both sequences of a pair in one batch (nano/dpo.py)
+        loader = PairLoader(data.train, rows, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world,
+                            pad_id=tok.pad_id)
+        can_eval = len(data.val) > 0
+    else:
+        loader = PackedLoader(data.train, rows, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
+        can_eval = len(data.val) >= cfg.seq_len + 1
+        if kind == "text":
+            PackedLoader(data.val, rows, cfg.seq_len)  # fail now, not at the first eval, if val is too small
+    if not can_eval:
+        say("warning: the val split is too small for one batch: no validation metrics (give more data)")
 
     # -------------------------------------------------------------------------
-    # model: built on the device, then wrapped for DDP / FSDP2 and compiled
-    raw_model = Transformer(model_cfg).to(device)
+    # model: built (or taken from --init-from) on the device, LoRA adapters put on, then wrapped for
+    # DDP / FSDP2 and compiled
+    lora = None
+    if base is None:
+        raw_model = Transformer(model_cfg)
+    else:
+        raw_model = base
+        if cfg.lora_rank:  # which base the adapters belong to: checked when they are loaded again
+            lora = {"base": cfg.init_from, "base_fingerprint": fingerprint(base.state_dict())}
+            if state is not None and lora["base_fingerprint"] != state["lora"]["base_fingerprint"]:
+                raise ValueError(f"the model at {cfg.init_from} changed since this LoRA run started from it: "
+                                 "restore that base to resume")
+        raw_model.grow_vocab(model_cfg.vocab_size)  # rows for the chat tokens a fine-tune adds
+    if cfg.lora_rank:
+        if base is None:
+            raise ValueError("--lora-rank adapts a pretrained model: give it with --init-from PATH")
+        if device.type == "cuda":  # the frozen base computes in the AMP dtype anyway: store it so (half memory)
+            for p in raw_model.parameters():
+                p.data = p.data.to(dtype)
+        token_ids = chat_token_ids(tok) if kind != "text" else []
+        targets = [t for t in cfg.lora_targets.split(",") if t] or None
+        apply_lora(raw_model, cfg.lora_rank, cfg.lora_alpha, targets, token_ids)
+        lora.update(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=targets, token_ids=token_ids)
+        trainable = set(lora_state_dict(raw_model))
+        say(f"LoRA: rank {cfg.lora_rank}, alpha {cfg.lora_alpha}: "
+            f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
+            f"parameters ({len(token_ids)} token rows)")
+    raw_model.to(device)
     raw_model.set_grad_ckpt(cfg.grad_ckpt)
     say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {model_cfg.n_layer} layers, vocab "
         f"{model_cfg.vocab_size}; {cfg.grad_accum} x {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} "
@@ -174,11 +248,13 @@ def main(argv):
     if state is not None:
         # set_model_state_dict silently skips weights the checkpoint lacks: compare names and shapes first
         want, got = raw_model.state_dict(), state["model"]
+        if lora:
+            want = {k: v for k, v in want.items() if k in trainable}  # the base came from --init-from
         bad = sorted(k for k in want.keys() | got.keys() if k not in want or k not in got
                      or tuple(want[k].shape) != tuple(got[k].shape))
         if bad:
             raise ValueError(f"{path}: checkpoint weights do not match its config (first: {bad[0]})")
-        set_model_state_dict(raw_model, state["model"], options=full)
+        set_model_state_dict(raw_model, state["model"], options=replace(full, strict=not lora))
         set_optimizer_state_dict(raw_model, list(optimizers.values()), state["optimizer"], options=full)
         scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
@@ -187,14 +263,32 @@ def main(argv):
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         random.setstate(state["rng"]["python"])
         step = state["step"]
+    # DPO's reference: with LoRA the same weights with the adapters off; otherwise the starting model's
+    # log-probs of every pair, computed once here (and kept in the checkpoint for a resumed run)
+    dpo_reference = reference = val_reference = None
+    if kind == "dpo" and lora:
+        reference = val_reference = lambda: lora_disabled(raw_model)
+    elif kind == "dpo":
+        dpo_reference = state.get("dpo_reference") if state is not None else None
+        if dpo_reference is None:
+            say("dpo: the reference log-probs of every pair (once)")
+            dpo_reference = {split: reference_logps(model, pairs, rows, cfg.seq_len, rank=rank, world_size=world,
+                                                    autocast=lambda: autocast(device, dtype)).cpu()
+                             for split, pairs in (("train", data.train), ("val", data.val)) if pairs}
+        reference, val_reference = (dpo_reference.get(k, torch.zeros(0, 2)).to(device) for k in ("train", "val"))
     del state
 
     def checkpoint():
         model_sd = get_model_state_dict(raw_model, options=full)  # collective under FSDP: every rank calls
         optim_sd = get_optimizer_state_dict(raw_model, list(optimizers.values()), options=full)
+        extra = {}
+        if lora:  # the adapters and token rows only (small), and where their base is
+            model_sd, extra["lora"] = {k: v for k, v in model_sd.items() if k in trainable}, lora
+        if dpo_reference is not None:
+            extra["dpo_reference"] = dpo_reference  # the reference's log-probs, computed once
         if master:
             save_checkpoint(ckpt_file, {
-                "model": model_sd, "model_config": asdict(model_cfg), "train_config": asdict(cfg),
+                **extra, "model": model_sd, "model_config": asdict(model_cfg), "train_config": asdict(cfg),
                 "optimizer": optim_sd, "scaler": scaler.state_dict(), "loader": loader.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
@@ -218,6 +312,13 @@ def main(argv):
 
     @torch.no_grad()
     def evaluate():
+        """The validation metrics: val_loss (the next-token loss, or DPO's), and val_bpb for text,
+        val_dpo_accuracy for preference pairs."""
+        if not can_eval:
+            return {}
+        if kind == "dpo":
+            return evaluate_pairs(model, data.val, rows, cfg.seq_len, cfg.dpo_beta, val_reference, rank=rank,
+                                  world_size=world, max_batches=cfg.eval_steps, autocast=lambda: autocast(device, dtype))
         model.eval()
         val = PackedLoader(data.val, rows, cfg.seq_len, rank=rank, world_size=world)  # same batches each time
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * targets, targets)
@@ -230,16 +331,28 @@ def main(argv):
         model.train()
         loss_sum, count = all_sum(sums).tolist()  # the one host read of the evaluation
         loss = loss_sum / count
-        return loss, loss / math.log(2) / data.bytes_per_token  # bits per byte compare across tokenizers
+        if kind == "chat":
+            return {"val_loss": loss}
+        return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.bytes_per_token}  # across tokenizers
+
+    def show_eval(prefix):
+        metrics = evaluate()
+        if metrics:
+            say(prefix + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()))
+            log({"step": step, **metrics})
 
     def show_sample(n=48):
         raw_model.eval()  # every rank runs it (FSDP needs all of them for a forward); rank 0 prints
-        prompt = torch.tensor([[tok.bos_id] + tok.encode("def ")], device=device)
+        if kind == "text":
+            ids = [tok.bos_id] + tok.encode("def ")
+        else:  # a chat model answers a question
+            ids, _ = render(tok, [{"role": "user", "content": "Hello! Who are you?"}], add_generation_prompt=True)
+        prompt = torch.tensor([ids], device=device)
         with autocast(device, dtype):
             out = generate(raw_model, prompt, n, temperature=0.8, top_k=50, seed=cfg.seed, compile=False)
         raw_model.train()
         if master:
-            tqdm.write("sample: " + repr(tok.decode(out[0, 1:].tolist())))
+            tqdm.write("sample: " + repr(tok.decode(out[0, len(ids) - (kind == "text"):].tolist())))
 
     peak = peak_flops(device)
     stop_signal = []
@@ -254,10 +367,7 @@ def main(argv):
     t_read = time.perf_counter()  # the last host read (see tok_s below)
     while step < cfg.max_steps:
         if step % cfg.eval_every == 0:
-            val_loss, val_bpb = evaluate()
-            if master:
-                tqdm.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
-            log({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+            show_eval(f"step {step}: ")
             t_read = time.perf_counter()  # the step's interval starts after the evaluation
         if cfg.sample_every and step % cfg.sample_every == 0 and step > start_step:
             show_sample()
@@ -271,16 +381,27 @@ def main(argv):
         # gradient is that of the mean over all of them: independent of how rows are split into
         # micro-steps and processes (DDP/FSDP average over processes, hence the factor `world`).
         # Everything stays on the device: no host sync until the step's one read below.
+        # The unit of the mean is a target token, or a preference pair for DPO (nano/dpo.py: pair_loss).
         batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
-        flops_token = sum(flops_per_token(raw_model, cfg.seq_len, cu) for _, _, cu in batches) / cfg.grad_accum
-        batches = [batch_to(b) for b in batches]  # the FLOPs above read the host copies of cu_seqlens
-        counts = torch.stack([(y != -100).sum() for _, y, _ in batches]).double()
+        cus = [b.cu_seqlens if kind == "dpo" else b[2] for b in batches]
+        flops_token = sum(flops_per_token(raw_model, cfg.seq_len, cu) for cu in cus) / cfg.grad_accum
+        if kind == "dpo":
+            counts = torch.tensor([float(b.n_pairs) for b in batches], dtype=torch.float64, device=device)
+            batches = [b.to(device) for b in batches]
+        else:
+            batches = [batch_to(b) for b in batches]  # the FLOPs above read the host copies of cu_seqlens
+            counts = torch.stack([(y != -100).sum() for _, y, _ in batches]).double()
         total = all_sum(counts.sum()).clamp(min=1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for i, (x, y, cu) in enumerate(batches):
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # DPO: pairs, correct, margin sum
+        for i, batch in enumerate(batches):
             grad_sync(i == cfg.grad_accum - 1)
             with autocast(device, dtype):
-                _, loss = model(x, y, cu_seqlens=cu)
+                if kind == "dpo":
+                    loss, batch_stats = pair_loss(model, batch, cfg.dpo_beta, reference)
+                    stats += batch_stats
+                else:
+                    _, loss = model(batch[0], batch[1], cu_seqlens=batch[2])
             scaler.scale(loss * (counts[i] * world / total).float()).backward()
             loss_sum += loss.detach() * counts[i]
         for optimizer in optimizers.values():
@@ -289,13 +410,15 @@ def main(argv):
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
         # the step's one host read: every logged scalar and the stop flag, in one vector
         stop_flag = torch.tensor(float(bool(stop_signal)), dtype=torch.float64, device=device)
-        shared = all_sum(torch.stack([loss_sum, stop_flag]))  # one collective for both
+        shared = all_sum(torch.cat([torch.stack([loss_sum, stop_flag]), stats]))  # one collective for all
         extra = {f"loss/{k}": v for k, v in raw_model.loss_terms.items()} if len(raw_model.loss_terms) > 1 else {}
         extra.update(raw_model.moe_stats())  # the loads that update_moe_bias is about to use
-        values = torch.stack([shared[0] / total, grad_norm.double(), shared[1]]
+        values = torch.stack([shared[0] / total, grad_norm.double(), *shared[1:]]
                              + [v.double() for v in extra.values()]).tolist()
         loss_value, grad_norm, stop = values[0], values[1], values[2] > 0
-        extra = dict(zip(extra, values[3:]))
+        extra = dict(zip(extra, values[6:]))
+        if kind == "dpo":
+            extra.update(dpo_metrics(values[3:6]))
         if not math.isfinite(loss_value):
             last = f"the last good checkpoint is {ckpt_file}" if os.path.exists(ckpt_file) else "no checkpoint yet"
             raise FloatingPointError(f"loss is {loss_value} at step {step}: stopping ({last}); try a lower --lr, "
@@ -346,12 +469,40 @@ def main(argv):
     pbar.close()
 
     if step == cfg.max_steps:
-        val_loss, val_bpb = evaluate()
-        say(f"final: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}; checkpoint {ckpt_file}")
-        log({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+        show_eval("final: ")
+        say(f"checkpoint {ckpt_file}")
         show_sample()
     if world > 1:
         dist.destroy_process_group()
+
+
+def same_tokenizer(a, b):
+    """Same tokens, ids and rules (the name aside: one file may be known under two names)."""
+    return {k: v for k, v in a.state().items() if k != "name"} == {k: v for k, v in b.state().items() if k != "name"}
+
+
+def describe_data(data, kind, tok):
+    """One line about the prepared data: its size, what was skipped (bad lines by number), where it is."""
+    r = data.report
+    bad = ""
+    if kind != "text" and r["n_bad_lines"]:
+        bad = f"; skipped {r['n_bad_lines']} bad lines" + "".join(f"; line {i}: {why}" for i, why in r["bad_lines"][:5])
+    if kind == "chat":
+        return (f"data: {r.get('source', '')}: {r['n_train']:,} train / {r['n_val']:,} val conversations "
+                f"({r['template']} template), {r['n_tokens']:,} tokens of which {r['n_trained_tokens']:,} trained, "
+                f"{r['n_longer_than_seq_len']:,} longer than seq_len (cut into rows), "
+                f"{r['n_without_assistant']:,} without an assistant turn (skipped){bad}")
+    if kind == "dpo":
+        return (f"data: {r['n_train']:,} train / {r['n_val']:,} val preference pairs, {r['n_tokens']:,} tokens, "
+                f"{r['n_longer_than_seq_len']:,} longer than seq_len (skipped){bad}")
+    skipped = {k.removeprefix("skipped_"): v for k, v in r.items() if k.startswith("skipped_") and v
+               and isinstance(v, int)}
+    if r.get("bad_lines"):
+        skipped["bad jsonl lines"] = r["bad_lines"]
+    return (f"data: {r['source']}: {r['n_train_docs']:,} train / {r['n_val_docs']:,} val documents, "
+            f"{r['n_train_tokens']:,} train tokens, vocab {tok.vocab_size}"
+            + (f"; skipped: {', '.join(f'{v} {k}' for k, v in skipped.items())}" if skipped else "")
+            + f" ({'prepared' if r.get('cached') is False else 'cached'} in {data.path})")
 
 
 def _check_launcher(device, local_rank):

@@ -231,6 +231,9 @@ def resume_checkpoint(out_dir, say=print):
 def model_from_checkpoint(state, device="cpu"):
     """Transformer with the checkpoint's config and weights."""
     from nano.model import Transformer
+    if "lora" in state:  # adapters only: nano.finetune.load_model puts them on their base
+        raise CheckpointForeign("a LoRA run's checkpoint holds adapters, not a whole model: load it with "
+                                "nano.finetune.load_model (sample.py, export and --init-from do)")
     try:
         config = ModelConfig(**state["model_config"])
     except (TypeError, ValueError) as e:  # unknown fields (a newer nano), or values this one refuses

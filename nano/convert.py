@@ -543,9 +543,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None):
-    from nano.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from nano.checkpoint import CheckpointError
     from nano.config import OneLineParser
-    from nano.tokenizer import Tokenizer
+    from nano.finetune import load_model
     p = OneLineParser(prog="python -m nano.convert", description="convert nano models")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="a nano run directory -> a Hugging Face folder (weights, tokenizer)")
@@ -556,9 +556,9 @@ def main(argv=None):
     e.add_argument("--max-shard-gb", type=float, default=5.0, help="weights files of at most this size")
     args = p.parse_args(argv)
     try:
-        state = load_checkpoint(args.run_dir)
-        model = model_from_checkpoint(state).to(DTYPES[args.dtype])
-        path = save_hf(model, args.out_dir, Tokenizer.from_state(state["tokenizer"]), force=args.force,
+        model, tok, state = load_model(args.run_dir)  # a LoRA run is merged onto its base first
+        model = model.to(DTYPES[args.dtype])
+        path = save_hf(model, args.out_dir, tok, force=args.force,
                        max_shard_bytes=int(args.max_shard_gb * 2**30))
     except (ValueError, OSError, ImportError, CheckpointError) as err:  # bad input: one line, exit code 2
         p.exit(2, f"{p.prog}: error: {err}\n")
