@@ -53,12 +53,11 @@ def load_model(path, device="cpu"):
     """(model, tokenizer, state) of a nano run directory or checkpoint file; a LoRA run's adapters are merged
     onto its base. A damaged, truncated, foreign or malicious file raises a CheckpointError."""
     state = load_checkpoint(path)
-    tok = Tokenizer.from_state(state["tokenizer"])
     if "lora" not in state:
-        return model_from_checkpoint(state, device), tok, state
-    model = lora_model(state)
-    merge_lora(model)
-    return model.to(device), tok, state
+        model = model_from_checkpoint(state, device)
+    else:
+        model = merge_lora(lora_model(state)).to(device)
+    return model, Tokenizer.from_state(state["tokenizer"]), state
 
 
 def lora_model(state):

@@ -23,7 +23,7 @@ import torch
 from nano import checkpoint as ckpt_module
 from nano.checkpoint import (CheckpointError, CheckpointUnsafe, CheckpointWriteError, load_checkpoint,
                              resume_checkpoint, save_checkpoint)
-from sample import load_nano
+from nano.finetune import load_model as load_nano  # what sample.py loads a --ckpt with
 from common import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
