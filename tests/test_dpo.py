@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nano.chat import render
+from nano.chat import render, with_chat_tokens
 from nano.config import ModelConfig
 from nano.dpo import (PairLoader, dpo_loss, dpo_metrics, evaluate, pair_loss, prepare_dpo, read_pairs,
                       reference_logps, render_pair, sequence_logps)
@@ -23,7 +23,8 @@ WORDS = ("the cat sat on a mat and the dog ran to the park while birds sang in t
 @pytest.fixture(scope="module")
 def tok():
     # the words and the stand-in role names merge to whole tokens: short sequences, small rows
-    return train_bpe(" ".join(WORDS * 5) + " user: assistant: system: " * 5, 340, progress=False)
+    base = train_bpe(" ".join(WORDS * 5) + " user: assistant: system: " * 5, 340, progress=False)
+    return with_chat_tokens(base)[0]  # nano's template needs its role and end-of-turn tokens
 
 
 def _model(tok, seed=0):

@@ -12,7 +12,9 @@ import torch
 
 from common import ROOT, run_script, script_env
 from nano.checkpoint import load_checkpoint, save_checkpoint
+from nano.chat import render
 from nano.config import ModelConfig
+from nano.finetune import load_model
 from nano.model import Transformer
 from nano.tokenizer import train_bpe
 
@@ -188,3 +190,21 @@ def test_dpo_learns_a_preference(base, env, tmp_path):
         assert len(steps) == 30 and all("dpo_accuracy" in r and "dpo_margin" in r for r in steps)
         val = [r["val_dpo_accuracy"] for r in recs if "val_dpo_accuracy" in r]
         assert len(val) == 2 and val[-1] >= 0.99 and steps[-1]["dpo_margin"] > 0.5, (extra, val, steps[-1])
+        # and, computed apart from the run's own bookkeeping from plain full logits, the trained model prefers
+        # the chosen reply on fresh prompts more than the starting model does (the base, grown by the chat
+        # tokens' mean rows, is where both runs start)
+        model, tok, _ = load_model(out)
+        start = load_model(base)[0]
+        start.grow_vocab(model.config.vocab_size)
+        for _ in range(4):
+            prompt = [{"role": "user", "content": noise(rng, 6)}]
+            gain = [reply_logp(m.eval(), tok, prompt, REPLY) - reply_logp(m.eval(), tok, prompt, "No idea, sorry.")
+                    for m in (model, start)]
+            assert gain[0] - gain[1] > 1.0, (extra, gain)
+
+
+def reply_logp(model, tok, prompt, reply):
+    ids, mask = render(tok, prompt + [{"role": "assistant", "content": reply}])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0][0].double(), -1)
+    return sum(logp[t, ids[t + 1]].item() for t in range(len(ids) - 1) if mask[t + 1])
